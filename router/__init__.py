@@ -1,0 +1,52 @@
+"""llm-router: a thin, config-driven router over litellm with fallback, retries, cost and Prometheus metrics.
+
+    import router
+    res = router.generate("Write a haiku about queues", model="fast")
+    print(res.text, res.provider, res.cost_usd)
+"""
+
+from .api import agenerate, default_router, generate, set_default_router, start_metrics_server
+from .client import Router
+from .config import RouterConfig, Target, config_schema, load_config, parse_config
+from .errors import (
+    AllTargetsFailedError,
+    ConfigError,
+    DeadlineExceededError,
+    MissingCredentialsError,
+    ProviderError,
+    RouterError,
+    UnknownModelError,
+    UnknownProviderError,
+)
+from .metrics import RouterMetrics
+from .types import Attempt, Result, Skip, Usage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AllTargetsFailedError",
+    "Attempt",
+    "ConfigError",
+    "DeadlineExceededError",
+    "MissingCredentialsError",
+    "ProviderError",
+    "Result",
+    "Router",
+    "RouterConfig",
+    "RouterError",
+    "RouterMetrics",
+    "Skip",
+    "Target",
+    "UnknownModelError",
+    "UnknownProviderError",
+    "Usage",
+    "__version__",
+    "agenerate",
+    "config_schema",
+    "default_router",
+    "generate",
+    "load_config",
+    "parse_config",
+    "set_default_router",
+    "start_metrics_server",
+]

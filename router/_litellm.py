@@ -1,0 +1,203 @@
+"""The only module that imports litellm, and only on the first call.
+
+`import litellm` costs seconds and ~170 MB, and without LITELLM_LOCAL_MODEL_COST_MAP it tries to download
+a price map (retrying for seconds when offline). So the variable is set before the import, and the import
+waits until a request is actually made: `import router` and `llm-router validate` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from .config import Target
+from .policy import parse_retry_after
+from .types import Usage
+
+_lock = threading.Lock()
+_litellm: ModuleType | None = None
+
+# The hidden-params key where litellm puts the cost a provider reported (OpenRouter's usage.cost).
+_PROVIDER_COST_KEY = "llm_provider-x-litellm-response-cost"
+
+
+def litellm() -> ModuleType:
+    """The litellm module, imported once, offline-safe and quiet."""
+    global _litellm
+    if _litellm is None:
+        with _lock:
+            if _litellm is None:
+                os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+                import litellm as mod
+
+                mod.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
+                mod.telemetry = False
+                _litellm = mod
+    return _litellm
+
+
+def request_kwargs(target: Target, messages: list[dict[str, Any]], params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """The keyword arguments of one litellm.completion call. max_retries=0: the router owns retries."""
+    kw: dict[str, Any] = {
+        **params,
+        "model": target.litellm_model,
+        "messages": messages,
+        "timeout": timeout,
+        "max_retries": 0,
+    }
+    if target.api_base:
+        kw["api_base"] = target.api_base
+    if target.api_key is not None:
+        kw["api_key"] = target.api_key.get_secret_value()
+    if target.headers:
+        kw["extra_headers"] = dict(target.headers)
+    return kw
+
+
+def complete(kwargs: dict[str, Any]) -> Any:
+    """One blocking request."""
+    return litellm().completion(**kwargs)
+
+
+async def acomplete(kwargs: dict[str, Any]) -> Any:
+    """One request on the running event loop."""
+    return await litellm().acompletion(**kwargs)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A failed request, reduced to what the routing policy needs."""
+
+    outcome: str
+    status_code: int | None
+    retry_after: float | None
+    message: str
+
+
+class InvalidResponse(Exception):
+    """A 2xx answer the router cannot use (no choices, no message)."""
+
+
+_BY_STATUS = {
+    400: "bad_request",
+    401: "auth",
+    402: "payment_required",
+    403: "auth",
+    404: "not_found",
+    408: "timeout",
+    413: "context_window",
+    422: "bad_request",
+    429: "rate_limit",
+}
+
+
+def classify_error(exc: BaseException) -> Failure:
+    """Map a litellm (or transport) exception to one routing outcome."""
+    status = getattr(exc, "status_code", None)
+    status = status if isinstance(status, int) else None
+    message = str(getattr(exc, "message", None) or exc) or exc.__class__.__name__
+    outcome = _outcome(exc, status, message)
+    return Failure(outcome, status, _retry_after(exc), f"{exc.__class__.__name__}: {message}")
+
+
+def _outcome(exc: BaseException, status: int | None, message: str) -> str:
+    if isinstance(exc, InvalidResponse):
+        return "invalid_response"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if not exc.__class__.__module__.startswith(("litellm", "openai", "httpx", "aiohttp")):
+        return "other"
+    e = litellm().exceptions
+    # Subclasses before their bases: ContextWindowExceeded and ContentPolicyViolation are BadRequestErrors,
+    # Timeout is an APIConnectionError.
+    table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], str]] = [
+        (e.ContextWindowExceededError, "context_window"),
+        (e.ContentPolicyViolationError, "content_filter"),
+        (e.PaymentRequiredError, "payment_required"),
+        (e.RateLimitError, "rate_limit"),
+        (e.Timeout, "timeout"),
+        (e.APIConnectionError, "connection"),
+        ((e.AuthenticationError, e.PermissionDeniedError), "auth"),
+        (e.NotFoundError, "not_found"),
+        (e.APIResponseValidationError, "invalid_response"),
+    ]
+    for cls, outcome in table:
+        if isinstance(exc, cls):
+            return outcome
+    if status is not None and status in _BY_STATUS:
+        return _BY_STATUS[status]
+    if isinstance(exc, (e.BadRequestError, e.UnprocessableEntityError)):
+        return "bad_request"
+    if _looks_unparseable(message):
+        return "invalid_response"
+    if isinstance(exc, (e.ServiceUnavailableError, e.InternalServerError, e.BadGatewayError)):
+        return "server_error"
+    if status is not None and status >= 500:
+        return "server_error"
+    return "other"
+
+
+def _looks_unparseable(message: str) -> bool:
+    # litellm reports a 2xx body that is not JSON as an InternalServerError; only its text tells it apart.
+    m = message.lower()
+    return any(s in m for s in ("expecting value", "jsondecodeerror", "invalid json", "not valid json", "unable to parse"))
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    for headers in (getattr(getattr(exc, "response", None), "headers", None), getattr(exc, "litellm_response_headers", None)):
+        if headers:
+            try:
+                value = headers.get("retry-after") or headers.get("Retry-After")
+            except Exception:  # a header object we do not know: no hint rather than a crash
+                value = None
+            seconds = parse_retry_after(value)
+            if seconds is not None:
+                return seconds
+    return None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the router takes from a successful litellm response."""
+
+    text: str
+    usage: Usage
+    finish_reason: str | None
+    provider_cost: float | None
+
+
+def read_response(response: Any) -> Answer:
+    """Text, usage, finish reason and any provider-reported cost of a litellm ModelResponse."""
+    choices = getattr(response, "choices", None)
+    if not choices:
+        raise InvalidResponse("the provider answered with no choices")
+    message = getattr(choices[0], "message", None)
+    if message is None:
+        raise InvalidResponse("the provider answered with no message")
+    usage = getattr(response, "usage", None)
+    hidden = getattr(response, "_hidden_params", None) or {}
+    extra = hidden.get("additional_headers") or {}
+    cost = extra.get(_PROVIDER_COST_KEY)
+    return Answer(
+        text=message.content or "",
+        usage=Usage(int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)),
+        finish_reason=getattr(choices[0], "finish_reason", None),
+        provider_cost=float(cost) if cost is not None else None,
+    )
+
+
+def price_map_cost(target: Target, usage: Usage) -> float | None:
+    """The cost of `usage` by litellm's built-in price map; None when the model is not in it."""
+    try:
+        prompt, completion = litellm().cost_per_token(
+            model=target.model,
+            custom_llm_provider=target.kind,
+            prompt_tokens=usage.input_tokens,
+            completion_tokens=usage.output_tokens,
+        )
+    except Exception:  # litellm raises a bare Exception for a model it has no price for
+        return None
+    return float(prompt + completion)

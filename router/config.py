@@ -1,0 +1,499 @@
+"""The YAML config: pydantic models, `${VAR}` interpolation, line-numbered errors, cross-reference checks.
+
+Every model forbids unknown keys, so a typo is an error, not silence. Every problem is reported as
+``FILE:LINE: key.path: what is wrong``, all of them at once, and cross-references (targets → providers,
+pricing → targets, the default alias) are checked here, at load time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError, ConfigProblem
+from .types import FAILURE_OUTCOMES
+
+DEFAULT_FALLBACK_ON = [
+    "rate_limit",
+    "timeout",
+    "connection",
+    "server_error",
+    "auth",
+    "payment_required",
+    "not_found",
+    "invalid_response",
+    "context_window",
+]
+FailureOutcome = Literal[
+    "rate_limit",
+    "timeout",
+    "connection",
+    "server_error",
+    "auth",
+    "payment_required",
+    "not_found",
+    "bad_request",
+    "context_window",
+    "content_filter",
+    "invalid_response",
+    "other",
+]
+assert set(FailureOutcome.__args__) == set(FAILURE_OUTCOMES)  # type: ignore[attr-defined]
+
+# Latency of LLM calls runs from tens of milliseconds (a cached or tiny answer) to minutes (long generations).
+DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryConfig(_Model):
+    """How often a transient failure is tried again on the same target, and how long to wait in between."""
+
+    attempts: PositiveInt = Field(2, description="Tries per target, the first included (1 = no retry).")
+    backoff_s: NonNegativeFloat = Field(0.5, description="Base of the exponential backoff (full jitter).")
+    max_backoff_s: NonNegativeFloat = Field(8.0, description="Cap of any one wait, Retry-After included.")
+    honor_retry_after: bool = Field(True, description="Wait as long as the provider's Retry-After says (capped).")
+
+
+class DefaultsConfig(_Model):
+    """Settings that apply to every alias unless a provider overrides them."""
+
+    model: str | None = Field(None, description="Alias used when generate() is given none.")
+    timeout_s: PositiveFloat = Field(30.0, description="Timeout of one attempt, in seconds.")
+    deadline_s: PositiveFloat = Field(90.0, description="Bound on a whole generate() call, retries included.")
+    retry: RetryConfig = RetryConfig()
+    fallback_on: list[FailureOutcome] = Field(
+        default_factory=lambda: list(DEFAULT_FALLBACK_ON),  # type: ignore[arg-type]
+        description="Failure outcomes that move the call on to the next target.",
+    )
+
+
+class ProviderConfig(_Model):
+    """One provider account: a litellm provider prefix plus where and how to reach it."""
+
+    kind: str = Field(description="litellm provider prefix: openai, anthropic, openrouter, gemini, azure, ollama ...")
+    api_key: SecretStr | None = Field(None, description="Key, usually ${ENV_VAR}; omit only for servers that need none.")
+    api_base: str | None = Field(None, description="Base URL, e.g. http://127.0.0.1:8000/v1 for a local server.")
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers sent with every request.")
+    timeout_s: PositiveFloat | None = Field(None, description="Per-attempt timeout for this provider.")
+
+    # The environment variables api_key was read from, for "set OPENAI_API_KEY" messages.
+    _key_env_vars: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("kind")
+    @classmethod
+    def _kind_is_a_prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", v):
+            raise ValueError("must be a litellm provider prefix such as openai, anthropic or openrouter")
+        return v
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base_is_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://", v):
+            raise ValueError("must start with http:// or https://")
+        return v
+
+
+class TargetConfig(_Model):
+    """One entry of an alias's fallback order, long form."""
+
+    provider: str
+    model: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class AliasConfig(_Model):
+    """A model alias: the targets tried in order, and params and system prompt shared by them."""
+
+    targets: list[TargetConfig] = Field(min_length=1, description='Fallback order: "<provider>/<model>" or long form.')
+    params: dict[str, Any] = Field(default_factory=dict, description="litellm params, e.g. temperature, max_tokens.")
+    system: str | None = Field(None, description="System prompt prepended when the messages carry none.")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _short_form(cls, v: Any) -> Any:
+        if not isinstance(v, list):
+            return v
+        out = []
+        for item in v:
+            if isinstance(item, str):
+                provider, sep, model = item.partition("/")
+                if not sep or not provider or not model:
+                    raise ValueError(f"target {item!r} must be written '<provider>/<model>'")
+                item = {"provider": provider, "model": model}
+            out.append(item)
+        return out
+
+
+class PricingConfig(_Model):
+    """Price of a target in USD, per million tokens or per thousand tokens."""
+
+    input_per_1m: NonNegativeFloat | None = None
+    output_per_1m: NonNegativeFloat | None = None
+    input_per_1k: NonNegativeFloat | None = None
+    output_per_1k: NonNegativeFloat | None = None
+
+    @model_validator(mode="after")
+    def _one_unit(self) -> PricingConfig:
+        per_1m = (self.input_per_1m, self.output_per_1m)
+        per_1k = (self.input_per_1k, self.output_per_1k)
+        if any(v is not None for v in per_1m) and any(v is not None for v in per_1k):
+            raise ValueError("give prices per 1M or per 1K tokens, not both")
+        if all(v is None for v in per_1m + per_1k):
+            raise ValueError("give input_per_1m and output_per_1m (or input_per_1k and output_per_1k)")
+        return self
+
+    @property
+    def input_per_token(self) -> float:
+        """USD per input token."""
+        return self.input_per_1m / 1e6 if self.input_per_1m is not None else (self.input_per_1k or 0.0) / 1e3
+
+    @property
+    def output_per_token(self) -> float:
+        """USD per output token."""
+        return self.output_per_1m / 1e6 if self.output_per_1m is not None else (self.output_per_1k or 0.0) / 1e3
+
+
+class MetricsConfig(_Model):
+    """Prometheus settings."""
+
+    namespace: str = Field("llm_router", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    buckets: list[PositiveFloat] = Field(default_factory=lambda: list(DEFAULT_BUCKETS))
+
+    @field_validator("buckets")
+    @classmethod
+    def _sorted(cls, v: list[float]) -> list[float]:
+        if not v or v != sorted(set(v)):
+            raise ValueError("must be a non-empty list of increasing numbers")
+        return v
+
+
+class RouterConfig(_Model):
+    """The whole config file."""
+
+    version: Literal[1] = Field(description="Format version; always 1.")
+    defaults: DefaultsConfig = DefaultsConfig()
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+    aliases: dict[str, AliasConfig] = Field(min_length=1)
+    pricing: dict[str, PricingConfig] = Field(default_factory=dict)
+    metrics: MetricsConfig = MetricsConfig()
+
+    _targets: dict[str, tuple[Target, ...]] = PrivateAttr(default_factory=dict)
+    _source: str = PrivateAttr("<config>")
+
+    @property
+    def source(self) -> str:
+        """The file this config was read from."""
+        return self._source
+
+    def targets(self, alias: str) -> tuple[Target, ...]:
+        """The alias's targets in fallback order, resolved against providers and pricing."""
+        return self._targets[alias]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A provider + model pair as the router calls it: everything litellm needs, resolved at load."""
+
+    provider: str
+    model: str
+    kind: str
+    api_base: str | None
+    api_key: SecretStr | None
+    key_env_vars: tuple[str, ...]
+    headers: Mapping[str, str]
+    timeout_s: float
+    params: Mapping[str, Any]
+    pricing: PricingConfig | None = None
+    key: str = field(init=False)
+    litellm_model: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.provider}/{self.model}")
+        object.__setattr__(self, "litellm_model", f"{self.kind}/{self.model}")
+
+    @property
+    def has_credentials(self) -> bool:
+        """False when api_key is configured but resolved to nothing (env var unset or empty)."""
+        return self.api_key is None or bool(self.api_key.get_secret_value())
+
+
+# OpenRouter names models "<vendor>/<model>"; users of the direct APIs write the bare model name.
+_OPENROUTER_VENDORS = (
+    (("gpt-", "o1", "o3", "o4", "chatgpt-", "text-embedding-"), "openai"),
+    (("claude-",), "anthropic"),
+    (("gemini-", "gemma-"), "google"),
+    (("llama-", "meta-llama-"), "meta-llama"),
+    (("mistral-", "mixtral-", "codestral-", "ministral-", "pixtral-"), "mistralai"),
+    (("deepseek-",), "deepseek"),
+    (("command-",), "cohere"),
+    (("qwen",), "qwen"),
+    (("grok-",), "x-ai"),
+)
+
+
+def normalize_model(kind: str, model: str) -> str:
+    """Give a bare OpenRouter model name its vendor prefix (`gpt-4o` → `openai/gpt-4o`); others pass through."""
+    if kind != "openrouter" or "/" in model:
+        return model
+    for prefixes, vendor in _OPENROUTER_VENDORS:
+        if model.startswith(prefixes):
+            return f"{vendor}/{model}"
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
+    """Expand `${VAR}` and `${VAR:-default}` (`$$` is a literal `$`); return (text, vars used, vars unset)."""
+    used: list[str] = []
+    unset: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name, default = m.group(1), m.group(2)
+        used.append(name)
+        got = env.get(name, "")
+        if got:
+            return got
+        if default is not None:
+            return default
+        unset.append(name)
+        return ""
+
+    return _VAR.sub(sub, value), used, unset
+
+
+def _key_path(loc: Iterable[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Source:
+    """A parsed YAML file plus the line of every key path, for error messages."""
+
+    def __init__(self, text: str, file: str) -> None:
+        self.file = file
+        self.lines: dict[tuple[Any, ...], int] = {}
+        self.problems: list[ConfigProblem] = []
+        try:
+            loader = yaml.SafeLoader(text)
+            try:
+                node = loader.get_single_node()
+                self.data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+            raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {what}")]) from None
+        except yaml.YAMLError as exc:
+            raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {exc}")]) from None
+        if node is not None:
+            self._walk(node, ())
+
+    def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for k, v in node.value:
+                key = k.value
+                if key in seen:
+                    self.problem(path + (key,), f"duplicate key (line {k.start_mark.line + 1})", k.start_mark.line + 1)
+                seen.add(key)
+                self.lines[path + (key,)] = k.start_mark.line + 1
+                self._walk(v, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self.lines[path + (i,)] = item.start_mark.line + 1
+                self._walk(item, path + (i,))
+
+    def line(self, loc: tuple[Any, ...]) -> int | None:
+        for n in range(len(loc), 0, -1):
+            if loc[:n] in self.lines:
+                return self.lines[loc[:n]]
+        return 1 if self.lines else None
+
+    def problem(self, loc: tuple[Any, ...], message: str, line: int | None = None) -> None:
+        self.problems.append(ConfigProblem(self.file, line or self.line(loc), _key_path(loc), message))
+
+
+def _interpolate_tree(src: _Source, data: Any, env: Mapping[str, str]) -> tuple[Any, dict[str, tuple[str, ...]]]:
+    """Expand env vars in every string; an unset var is an error except in api_key (the target is then skipped)."""
+    key_env: dict[str, tuple[str, ...]] = {}
+
+    def walk(x: Any, loc: tuple[Any, ...]) -> Any:
+        if isinstance(x, dict):
+            return {k: walk(v, loc + (k,)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v, loc + (i,)) for i, v in enumerate(x)]
+        if not isinstance(x, str) or "$" not in x:
+            return x
+        text, used, unset = interpolate(x, env)
+        is_key = len(loc) == 3 and loc[0] == "providers" and loc[2] == "api_key"
+        if is_key:
+            key_env[loc[1]] = tuple(used)
+        elif unset:
+            names = ", ".join(unset)
+            src.problem(loc, f"environment variable {names} is not set; set it or give a default: ${{{unset[0]}:-...}}")
+        return text
+
+    return walk(data, ()), key_env
+
+
+def _friendly(err: Mapping[str, Any], model_fields: Iterable[str]) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        close = difflib.get_close_matches(name, list(model_fields), n=1)
+        return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed where `loc` points, for did-you-mean hints."""
+    model: Any = RouterConfig
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            # inside a dict[str, Model]: the key is a name, the model is the dict's value type
+            continue
+        ann = info.annotation
+        args = getattr(ann, "__args__", ())
+        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = candidates[0] if candidates else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Validate config text; raise `ConfigError` listing every problem with file, line and key path."""
+    env = os.environ if env is None else env
+    src = _Source(text, file)
+    if not isinstance(src.data, dict):
+        raise ConfigError([ConfigProblem(file, 1, "", "the file must be a mapping with version, providers and aliases")])
+    data, key_env = _interpolate_tree(src, src.data, env)
+    if src.problems:
+        raise ConfigError(src.problems)
+    try:
+        cfg = RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_input=False, include_url=False):
+            loc = tuple(err["loc"])
+            src.problem(loc, _friendly(err, _fields_at(loc)))
+        raise ConfigError(src.problems) from None
+    for name, provider in cfg.providers.items():
+        provider._key_env_vars = key_env.get(name, ())
+    _check_references(cfg, src)
+    if src.problems:
+        raise ConfigError(src.problems)
+    cfg._source = file
+    return cfg
+
+
+def _suggest(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_references(cfg: RouterConfig, src: _Source) -> None:
+    d = cfg.defaults
+    if d.model is not None and d.model not in cfg.aliases:
+        src.problem(("defaults", "model"), f"alias {d.model!r} is not defined under aliases{_suggest(d.model, cfg.aliases)}")
+    targets: dict[str, tuple[Target, ...]] = {}
+    spelled: set[str] = set()
+    for alias_name, alias in cfg.aliases.items():
+        resolved = []
+        for i, t in enumerate(alias.targets):
+            provider = cfg.providers.get(t.provider)
+            if provider is None:
+                src.problem(
+                    ("aliases", alias_name, "targets", i),
+                    f"provider {t.provider!r} is not defined under providers{_suggest(t.provider, cfg.providers)}",
+                )
+                continue
+            model = normalize_model(provider.kind, t.model)
+            spelled.update({f"{t.provider}/{t.model}", f"{t.provider}/{model}"})
+            price = cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}")
+            resolved.append(
+                Target(
+                    provider=t.provider,
+                    model=model,
+                    kind=provider.kind,
+                    api_base=provider.api_base,
+                    api_key=provider.api_key,
+                    key_env_vars=provider._key_env_vars,
+                    headers=dict(provider.headers),
+                    timeout_s=provider.timeout_s or d.timeout_s,
+                    params=dict(t.params),
+                    pricing=price,
+                )
+            )
+        targets[alias_name] = tuple(resolved)
+    for key in cfg.pricing:
+        if key not in spelled:
+            src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
+    cfg._targets = targets
+
+
+def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RouterConfig:
+    """Read and validate a config file.
+
+    `${VAR}` and `${VAR:-default}` are expanded from `env` (default: the process environment). An api_key whose
+    variable is unset is allowed: its targets are skipped at call time. Raises `ConfigError` whose message has
+    one line per problem, ``FILE:LINE: key.path: what is wrong``.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(str(p), None, "", "config file not found")]) from None
+    except IsADirectoryError:
+        raise ConfigError([ConfigProblem(str(p), None, "", "is a directory, not a config file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(str(p), None, "", f"cannot read: {exc.__class__.__name__}")]) from None
+    return parse_config(text, str(p), env)
+
+
+def config_schema() -> dict[str, Any]:
+    """JSON Schema of the config file, for editors."""
+    schema = RouterConfig.model_json_schema(mode="validation")
+    schema["title"] = "llm-router config"
+    # Targets may also be written "<provider>/<model>".
+    alias = schema["$defs"]["AliasConfig"]["properties"]["targets"]
+    alias["items"] = {"anyOf": [{"type": "string", "pattern": "^[^/]+/.+$"}, alias["items"]]}
+    return schema

@@ -1,0 +1,165 @@
+"""Every error llm-router raises.
+
+The hierarchy::
+
+    RouterError                              base of everything below
+    ├── ConfigError (ValueError)             the YAML is missing, malformed or invalid   .problems
+    ├── UnknownModelError (KeyError)         generate(model=...) names no alias          .alias .suggestions
+    ├── UnknownProviderError (KeyError)      generate(provider=...) matches no target    .provider .alias
+    ├── MissingCredentialsError              every target was skipped for want of a key  .alias .env_vars .skipped
+    ├── ProviderError                        a failure that is not fallen back from      .attempts .outcome .status_code
+    │                                        (e.g. a 400); the litellm exception is its __cause__
+    └── AllTargetsFailedError                every target was tried and failed           .alias .attempts
+        └── DeadlineExceededError            the call's deadline ran out first           .deadline_s
+
+Errors carry data, not only text, and their messages say what to do. No message ever contains a secret:
+errors are built from config names and redacted provider messages, never from key values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .types import Attempt, Skip
+
+
+class RouterError(Exception):
+    """Base class of every error raised by llm-router."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a config file: where it is and what is wrong."""
+
+    file: str
+    line: int | None
+    key_path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key_path}: {self.message}" if self.key_path else f"{where}: {self.message}"
+
+
+class ConfigError(RouterError, ValueError):
+    """The config file is missing, is not valid YAML, or does not validate; one problem per line."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class UnknownModelError(RouterError, KeyError):
+    """`model=` names no alias in the config."""
+
+    def __init__(self, alias: str, known: Sequence[str], suggestions: Sequence[str] = ()) -> None:
+        self.alias = alias
+        self.known = list(known)
+        self.suggestions = list(suggestions)
+        hint = f"; did you mean {', '.join(repr(s) for s in self.suggestions)}?" if self.suggestions else ""
+        self.message = f"unknown model alias {alias!r}{hint} (aliases in the config: {', '.join(self.known) or 'none'})"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.message
+
+
+class UnknownProviderError(RouterError, KeyError):
+    """`provider=` names a provider that is not configured, or that the alias has no target on."""
+
+    def __init__(self, provider: str, alias: str, message: str) -> None:
+        self.provider = provider
+        self.alias = alias
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MissingCredentialsError(RouterError):
+    """Every target of the alias was skipped because its provider's API key resolved to nothing."""
+
+    def __init__(self, alias: str, skipped: Sequence[Skip]) -> None:
+        self.alias = alias
+        self.skipped = list(skipped)
+        self.env_vars = sorted({v for s in self.skipped for v in s.env_vars})
+        needs = "; ".join(
+            f"{' or '.join(s.env_vars) or 'api_key'} is not set (needed by provider {s.provider!r})"
+            for s in _unique_by_provider(self.skipped)
+        )
+        super().__init__(f"no target of alias {alias!r} has credentials: {needs}")
+
+
+def _unique_by_provider(skipped: Sequence[Skip]) -> list[Skip]:
+    seen: dict[str, Skip] = {}
+    for s in skipped:
+        seen.setdefault(s.provider, s)
+    return list(seen.values())
+
+
+class ProviderError(RouterError):
+    """A provider failed in a way that is not retried or fallen back from (by default: bad_request, content_filter)."""
+
+    def __init__(self, alias: str, attempts: Sequence[Attempt]) -> None:
+        self.alias = alias
+        self.attempts = list(attempts)
+        last = self.attempts[-1]
+        self.provider = last.provider
+        self.model = last.model
+        self.outcome = last.outcome
+        self.status_code = last.status_code
+        status = f" (HTTP {last.status_code})" if last.status_code else ""
+        super().__init__(
+            f"alias {alias!r}: {last.provider}/{last.model} failed with {last.outcome}{status}, "
+            f"which is not in fallback_on: {last.error}"
+        )
+
+
+class AllTargetsFailedError(RouterError):
+    """Every target was tried (with retries) and none answered; `.attempts` lists every attempt made."""
+
+    def __init__(self, alias: str, attempts: Sequence[Attempt], reason: str = "every target failed") -> None:
+        self.alias = alias
+        self.attempts = list(attempts)
+        self.outcome = self.attempts[-1].outcome if self.attempts else "other"
+        lines = "; ".join(f"{a.provider}/{a.model}: {a.outcome}" for a in self.attempts)
+        super().__init__(f"alias {alias!r}: {reason} after {len(self.attempts)} attempt(s) [{lines}]")
+
+
+class DeadlineExceededError(AllTargetsFailedError):
+    """The call's deadline (`deadline_s`, or `timeout=` of the call) ran out before any target answered."""
+
+    def __init__(self, alias: str, attempts: Sequence[Attempt], deadline_s: float) -> None:
+        self.deadline_s = deadline_s
+        super().__init__(alias, attempts, reason=f"deadline of {deadline_s:g}s exceeded")
+        if not self.attempts:
+            self.outcome = "timeout"
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """`text` with every secret replaced by `***`."""
+    for s in secrets:
+        if s and s in text:
+            text = text.replace(s, "***")
+    return text
+
+
+def scrub(exc: BaseException, secrets: Sequence[str]) -> BaseException:
+    """Redact secrets from an exception's message and args in place (a provider may echo a key back)."""
+    if not secrets:
+        return exc
+    try:
+        exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
+        msg = getattr(exc, "message", None)
+        if isinstance(msg, str):
+            exc.message = redact(msg, secrets)  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception type with read-only attributes: leave it be
+        pass
+    return exc

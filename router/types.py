@@ -1,0 +1,83 @@
+"""Plain data the router hands back: `Result`, `Usage`, `Attempt`, `Skip`, and the `Outcome` names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Outcome = Literal[
+    "success",
+    "rate_limit",
+    "timeout",
+    "connection",
+    "server_error",
+    "auth",
+    "payment_required",
+    "not_found",
+    "bad_request",
+    "context_window",
+    "content_filter",
+    "invalid_response",
+    "other",
+]
+FAILURE_OUTCOMES: tuple[str, ...] = Outcome.__args__[1:]  # type: ignore[attr-defined]
+
+CostSource = Literal["config", "provider", "litellm", "unknown"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Tokens of one answer."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        """Input plus output tokens."""
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One request to one target: what it was, how it ended and how long it took."""
+
+    provider: str
+    model: str
+    outcome: str
+    latency_s: float
+    error: str | None = None
+    status_code: int | None = None
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A target passed over without a request, and why (`no_credentials`)."""
+
+    provider: str
+    model: str
+    reason: str
+    env_vars: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer of a `generate()` call, with where it came from and what it cost."""
+
+    text: str
+    alias: str
+    provider: str
+    model: str
+    usage: Usage
+    cost_usd: float
+    cost_source: CostSource
+    latency_s: float
+    attempts: tuple[Attempt, ...]
+    skipped: tuple[Skip, ...] = ()
+    finish_reason: str | None = None
+    raw: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def fallbacks(self) -> int:
+        """How many times the call moved on to another target."""
+        return sum(1 for a, b in zip(self.attempts, self.attempts[1:]) if (a.provider, a.model) != (b.provider, b.model))
