@@ -20,6 +20,7 @@ Standard library only, so importing it is cheap.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http
 import itertools
 import json as _json
@@ -28,19 +29,20 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Union
+from typing import Any
 
 __all__ = [
-    "Reply",
     "Received",
+    "Reply",
     "Route",
     "Upstream",
-    "simulated_text",
     "estimate_tokens",
-    "simulated_providers",
     "main",
+    "simulated_providers",
+    "simulated_text",
 ]
 
 
@@ -98,7 +100,7 @@ class Received:
         return ""
 
 
-ReplySource = Union[Reply, Callable[[Received], Reply]]
+ReplySource = Reply | Callable[[Received], Reply]
 TextFn = Callable[[Received], str]
 
 
@@ -236,7 +238,7 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = True
     request_queue_size = 256  # listen backlog; the default 5 stalls bursts of concurrent connects
-    upstream: "Upstream"
+    upstream: Upstream
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Stay quiet about clients that went away (timeouts, drops)."""
@@ -253,10 +255,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing -------------------------------------------------------
     def setup(self) -> None:
         super().setup()
-        try:  # headers and body go out in separate writes; avoid Nagle/delayed-ACK stalls
+        # headers and body go out in separate writes; avoid Nagle/delayed-ACK stalls
+        with contextlib.suppress(OSError):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
         self.server.upstream._track(self.connection, True)
 
     def finish(self) -> None:
@@ -265,7 +266,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             self.server.upstream._track(self.connection, False)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         if self.server.upstream.verbose:
             super().log_message(format, *args)
 
@@ -309,10 +310,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _drop(self) -> None:
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
     # -- dispatch -------------------------------------------------------
     def do_POST(self) -> None:
@@ -400,7 +399,8 @@ class _Handler(BaseHTTPRequestHandler):
             etype = _ANTHROPIC_ERROR_TYPES.get(reply.status, "api_error")
             obj: Any = {"type": "error", "error": {"type": etype, "message": message}}
         else:
-            etype = _OPENAI_ERROR_TYPES.get(reply.status, "server_error" if reply.status >= 500 else "invalid_request_error")
+            fallback = "server_error" if reply.status >= 500 else "invalid_request_error"
+            etype = _OPENAI_ERROR_TYPES.get(reply.status, fallback)
             obj = {"error": {"message": message, "type": etype, "code": reply.status}}
         self._send_json(reply.status, obj, reply.headers)
 
@@ -456,8 +456,16 @@ class _Handler(BaseHTTPRequestHandler):
         events.append(chunk({}, "stop"))
         opts = received.body.get("stream_options") if isinstance(received.body, dict) else None
         if isinstance(opts, dict) and opts.get("include_usage"):
-            events.append({"id": rid, "object": "chat.completion.chunk", "created": created,
-                           "model": model, "choices": [], "usage": usage})
+            events.append(
+                {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         self._stream_sse(
             reply,
             [b"data: " + _json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"],
@@ -513,20 +521,44 @@ class _Handler(BaseHTTPRequestHandler):
 
         pieces = _split3(text)
         frames = [
-            ev("message_start", {"type": "message_start", "message": {
-                "id": mid, "type": "message", "role": "assistant", "model": model, "content": [],
-                "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": in_toks, "output_tokens": 0}}}),
-            ev("content_block_start", {"type": "content_block_start", "index": 0,
-                                       "content_block": {"type": "text", "text": ""}}),
+            ev(
+                "message_start",
+                {
+                    "type": "message_start",
+                    "message": {
+                        "id": mid,
+                        "type": "message",
+                        "role": "assistant",
+                        "model": model,
+                        "content": [],
+                        "stop_reason": None,
+                        "stop_sequence": None,
+                        "usage": {"input_tokens": in_toks, "output_tokens": 0},
+                    },
+                },
+            ),
+            ev(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
         ]
-        frames += [ev("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                              "delta": {"type": "text_delta", "text": p}}) for p in pieces]
+        frames += [
+            ev(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
+            )
+            for p in pieces
+        ]
         frames += [
             ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
-            ev("message_delta", {"type": "message_delta",
-                                 "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-                                 "usage": {"output_tokens": out_toks}}),
+            ev(
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                    "usage": {"output_tokens": out_toks},
+                },
+            ),
             ev("message_stop", {"type": "message_stop"}),
         ]
         self._stream_sse(reply, frames, 2 + len(pieces))
@@ -566,10 +598,12 @@ class Upstream:
         """Base URL such as ``http://127.0.0.1:PORT`` (only after start())."""
         if self._server is None:
             raise RuntimeError("Upstream not started")
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self._server.server_port}"
 
-    def start(self) -> "Upstream":
+    def start(self) -> Upstream:
         """Bind and serve in a daemon thread; returns self."""
         if self._server is not None:
             return self
@@ -593,10 +627,8 @@ class Upstream:
             conns = list(self._conns)
             self._conns.clear()
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def serve_forever(self) -> None:
         """Start (if needed) and block until interrupted."""
@@ -608,7 +640,7 @@ class Upstream:
         finally:
             self.stop()
 
-    def __enter__(self) -> "Upstream":
+    def __enter__(self) -> Upstream:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -687,8 +719,20 @@ _TOPIC_SENTENCES = (
 )
 
 
-_LEAD_INS = ("what is", "what are", "how do i", "how do you", "how to", "tell me about", "explain",
-             "describe", "why is", "why do", "can you", "please")
+_LEAD_INS = (
+    "what is",
+    "what are",
+    "how do i",
+    "how do you",
+    "how to",
+    "tell me about",
+    "explain",
+    "describe",
+    "why is",
+    "why do",
+    "can you",
+    "please",
+)
 
 
 def _plausible_answer(received: Received, label: str) -> str:
@@ -699,7 +743,7 @@ def _plausible_answer(received: Received, label: str) -> str:
         stripped = False
         for lead in _LEAD_INS:
             if topic.startswith(lead + " "):
-                topic, stripped = topic[len(lead) + 1:], True
+                topic, stripped = topic[len(lead) + 1 :], True
     words = topic.split()
     topic = " ".join(words[:6]) if words else "your question"
     seed = sum(map(ord, received.prompt))
@@ -732,7 +776,9 @@ def simulated_providers(upstream: Upstream, seed: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve the SIMULATED demo providers until interrupted."""
-    parser = argparse.ArgumentParser(prog="python -m router.sandbox", description="Serve SIMULATED LLM providers on loopback.")
+    parser = argparse.ArgumentParser(
+        prog="python -m router.sandbox", description="Serve SIMULATED LLM providers on loopback."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8089)
     parser.add_argument("--seed", type=int, default=0)
@@ -746,10 +792,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("sim-fast", "sim-slow", "sim-flaky"):
         print(f"  {name:<10} openai api_base={up.base_url(name)}  anthropic api_base={up.base_url(name, 'anthropic')}")
     print("Ctrl-C to stop.", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         up.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

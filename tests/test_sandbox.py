@@ -14,13 +14,17 @@ from pathlib import Path
 
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
 
-import litellm  # noqa: E402
-import pytest  # noqa: E402
-from litellm.exceptions import MidStreamFallbackError  # noqa: E402
+import litellm
+import pytest
+from litellm.exceptions import MidStreamFallbackError
 
-from router.sandbox import Received, Reply, Upstream, simulated_providers, simulated_text  # noqa: E402
+from router.sandbox import Received, Reply, Upstream, simulated_providers, simulated_text
 
 litellm.suppress_debug_info = True
+
+# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours, and
+# pyproject's filterwarnings=error would turn it into an exception inside litellm.completion().
+pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
 MSGS = [{"role": "user", "content": "hello sandbox"}]
@@ -29,6 +33,7 @@ ANTHROPIC_MODEL = "anthropic/claude-3-5-sonnet-20241022"
 
 @pytest.fixture
 def up():
+    """A fresh upstream per test (shadows conftest's shared one, so these tests stand alone)."""
     with Upstream() as u:
         yield u
 
@@ -51,6 +56,10 @@ def raw_post(up: Upstream, path: str, body: dict, conn: http.client.HTTPConnecti
     c.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
     r = c.getresponse()
     return r.status, dict(r.headers), r.read()
+
+
+def content(data: bytes) -> str:
+    return json.loads(data)["choices"][0]["message"]["content"]
 
 
 # --- server basics (no litellm) ------------------------------------------------
@@ -81,20 +90,21 @@ def test_queue_fifo_then_default_keepalive_and_reset(up):
     for path in ("/r/v1/chat/completions", "/r/chat/completions", "/r/v1/chat/completions"):
         status, headers, data = raw_post(up, path, body, conn)  # same keep-alive connection
         assert status == 200 and int(headers["Content-Length"]) == len(data)
-        texts.append(json.loads(data)["choices"][0]["message"]["content"])
+        texts.append(content(data))
     assert texts == ["first", "second", "[simulated] ping pong"]
 
     up.set_default("r", lambda rec: Reply(text=f"model={rec.model}"))
-    assert json.loads(raw_post(up, "/r/v1/chat/completions", body, conn)[2])["choices"][0]["message"]["content"] == "model=m"
+    assert content(raw_post(up, "/r/v1/chat/completions", body, conn)[2]) == "model=m"
     up.set_default("r", Reply(status=418, error="teapot"))
     status, _, data = raw_post(up, "/r/v1/chat/completions", body, conn)
-    assert status == 418 and json.loads(data) == {"error": {"message": "teapot", "type": "invalid_request_error", "code": 418}}
+    assert status == 418
+    assert json.loads(data) == {"error": {"message": "teapot", "type": "invalid_request_error", "code": 418}}
 
     assert len(up.history) == 5 and len(up.requests("r")) == 5 and up.requests("other") == []
     up.enqueue("r", Reply(text="stale"))
     up.reset()
     assert up.history == [] and up.route("r").pending == 0
-    assert json.loads(raw_post(up, "/r/v1/chat/completions", body, conn)[2])["choices"][0]["message"]["content"] == "[simulated] ping pong"
+    assert content(raw_post(up, "/r/v1/chat/completions", body, conn)[2]) == "[simulated] ping pong"
 
 
 def test_unknown_path_is_404_json_and_recorded(up):
@@ -110,7 +120,8 @@ def test_default_usage_estimate_and_upstream_default(up):
     body = {"model": "m", "messages": [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "y" * 40}]}
     out = json.loads(raw_post(up, "/z/v1/chat/completions", body)[2])
     text = out["choices"][0]["message"]["content"]
-    assert out["usage"] == {"prompt_tokens": 20, "completion_tokens": len(text) // 4, "total_tokens": 20 + len(text) // 4}
+    n = len(text) // 4
+    assert out["usage"] == {"prompt_tokens": 20, "completion_tokens": n, "total_tokens": 20 + n}
     assert out["model"] == "m" and out["object"] == "chat.completion"
 
     with Upstream(default=lambda rec: Reply(text=f"global {rec.route}")) as u2:
@@ -397,7 +408,8 @@ def test_simulated_providers(up):
 
 
 def test_simulated_text_is_deterministic():
-    rec = Received("r", "/", "POST", {}, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi  there"}]}]}, 0.0)
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi  there"}]}]}
+    rec = Received("r", "/", "POST", {}, body, 0.0)
     assert simulated_text(rec) == simulated_text(rec) == "[simulated] hi there"
 
 
@@ -422,3 +434,4 @@ def test_main_serves_simulated_routes():
     finally:
         proc.terminate()
         proc.wait(5)
+        proc.stdout.close()

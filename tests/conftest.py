@@ -1,0 +1,115 @@
+"""Shared fixtures: one real loopback upstream for the session, a fresh metrics registry per test, and a
+`make_router` that builds a Router on config text whose providers point at the upstream's routes.
+
+In config text given to `make_router`, ``{UP}`` is replaced by the upstream's URL, so a provider reads
+``api_base: "{UP}/a/v1"`` (OpenAI wire format, route "a") or ``api_base: "{UP}/an"`` (Anthropic).
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from router import Router, parse_config  # noqa: E402
+from router.sandbox import Upstream  # noqa: E402
+
+# Keys that look real enough to be worth leaking; tests assert they never show up anywhere.
+KEY_A = "sk-test-aaaa-0123456789abcdef"
+KEY_B = "sk-test-bbbb-0123456789abcdef"
+KEY_C = "sk-test-cccc-0123456789abcdef"
+
+STANDARD = """
+version: 1
+defaults:
+  model: chat
+  timeout_s: 5
+  deadline_s: 20
+  retry: {{attempts: 2, backoff_s: 0.1, max_backoff_s: 2}}
+providers:
+  a: {{kind: openai, api_base: "{{UP}}/a/v1", api_key: "${{KEY_A}}"}}
+  b: {{kind: openai, api_base: "{{UP}}/b/v1", api_key: "${{KEY_B}}"}}
+  c: {{kind: openai, api_base: "{{UP}}/c/v1", api_key: "${{KEY_C}}"}}
+aliases:
+  chat: {{targets: [a/model-a, b/model-b, c/model-c]}}
+  single: {{targets: [a/model-a]}}
+{extra}
+"""
+
+
+def standard_env() -> dict[str, str]:
+    """The env the standard config reads its keys from."""
+    return {"KEY_A": KEY_A, "KEY_B": KEY_B, "KEY_C": KEY_C}
+
+
+class Sleeps(list[float]):
+    """Records the router's backoff sleeps instead of waiting; usable as sync and async sleep."""
+
+    def sleep(self, seconds: float) -> None:
+        self.append(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as up:
+        yield up
+
+
+@pytest.fixture
+def up(upstream: Upstream) -> Iterator[Upstream]:
+    """The session's upstream, with queues, defaults and history cleared around the test."""
+    upstream.reset()
+    yield upstream
+    upstream.reset()
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+@pytest.fixture
+def sleeps() -> Sleeps:
+    return Sleeps()
+
+
+MakeRouter = Callable[..., Router]
+
+
+@pytest.fixture
+def make_router(up: Upstream, registry: CollectorRegistry, sleeps: Sleeps) -> MakeRouter:
+    """make_router(config_text=None, *, extra="", env=None, real_sleep=False, **router_kwargs) -> Router.
+
+    With no text, the STANDARD config (providers a, b, c; aliases chat = a → b → c, single = a) plus
+    `extra` YAML appended at top level. `env` defaults to `standard_env()`. Sleeps are recorded in the
+    `sleeps` fixture unless real_sleep=True; jitter is fixed at 0.5.
+    """
+
+    def make(
+        text: str | None = None,
+        *,
+        extra: str = "",
+        env: Mapping[str, str] | None = None,
+        real_sleep: bool = False,
+        **kwargs: Any,
+    ) -> Router:
+        if text is None:
+            text = STANDARD.format(extra=textwrap.dedent(extra))
+        text = textwrap.dedent(text).replace("{UP}", up.url)
+        cfg = parse_config(text, "test.yaml", env=standard_env() if env is None else env)
+        if not real_sleep:
+            kwargs.setdefault("sleep", sleeps.sleep)
+            kwargs.setdefault("asleep", sleeps.asleep)
+        kwargs.setdefault("jitter", lambda: 0.5)
+        return Router(cfg, registry=registry, **kwargs)
+
+    return make
