@@ -133,6 +133,9 @@ def _outcome(exc: BaseException, status: int | None, message: str) -> str:
         return "bad_request"
     if _looks_unparseable(message):
         return "invalid_response"
+    if "connection error" in message.lower():
+        # litellm reports a dropped connection on the OpenAI route as an InternalServerError.
+        return "connection"
     if isinstance(exc, (e.ServiceUnavailableError, e.InternalServerError, e.BadGatewayError)):
         return "server_error"
     if status is not None and status >= 500:
@@ -143,11 +146,15 @@ def _outcome(exc: BaseException, status: int | None, message: str) -> str:
 def _looks_unparseable(message: str) -> bool:
     # litellm reports a 2xx body that is not JSON as an InternalServerError; only its text tells it apart.
     m = message.lower()
-    return any(s in m for s in ("expecting value", "jsondecodeerror", "invalid json", "not valid json", "unable to parse"))
+    return any(
+        s in m
+        for s in ("empty or invalid response", "expecting value", "jsondecodeerror", "invalid json", "unable to parse")
+    )
 
 
 def _retry_after(exc: BaseException) -> float | None:
-    for headers in (getattr(getattr(exc, "response", None), "headers", None), getattr(exc, "litellm_response_headers", None)):
+    # litellm keeps the provider's headers in litellm_response_headers; exc.response is often a stand-in.
+    for headers in (getattr(exc, "litellm_response_headers", None), getattr(getattr(exc, "response", None), "headers", None)):
         if headers:
             try:
                 value = headers.get("retry-after") or headers.get("Retry-After")

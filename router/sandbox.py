@@ -469,11 +469,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._stream_sse(
             reply,
             [b"data: " + _json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"],
+            0,
             n_content,
         )
 
-    def _stream_sse(self, reply: Reply, frames: list[bytes], n_content: int) -> None:
-        """Send SSE frames with chunked transfer-encoding; honour reply.cut_after."""
+    def _stream_sse(self, reply: Reply, frames: list[bytes], first_content: int, n_content: int) -> None:
+        """Send SSE frames with chunked transfer-encoding; honour reply.cut_after (counted in content frames)."""
+        cut_at = None if reply.cut_after is None else first_content + max(0, min(reply.cut_after, n_content))
         self.send_response(reply.status, _reason(reply.status))
         headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         headers.update(reply.headers)
@@ -484,7 +486,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.flush()
         for i, frame in enumerate(frames):
-            if reply.cut_after is not None and i >= min(reply.cut_after, n_content):
+            if cut_at is not None and i >= cut_at:
                 self._drop()
                 return
             self._chunk(frame)
@@ -561,7 +563,7 @@ class _Handler(BaseHTTPRequestHandler):
             ),
             ev("message_stop", {"type": "message_stop"}),
         ]
-        self._stream_sse(reply, frames, 2 + len(pieces))
+        self._stream_sse(reply, frames, 2, len(pieces))
 
 
 def _with_text(reply: Reply, text: str) -> Reply:
@@ -720,19 +722,9 @@ _TOPIC_SENTENCES = (
 
 
 _LEAD_INS = (
-    "what is",
-    "what are",
-    "how do i",
-    "how do you",
-    "how to",
-    "tell me about",
-    "explain",
-    "describe",
-    "why is",
-    "why do",
-    "can you",
-    "please",
-)
+    "what is", "what are", "how do i", "how do you", "how to", "tell me about", "explain", "describe",
+    "why is", "why do", "can you", "please", "write", "summarise", "summarize", "name",
+)  # fmt: skip
 
 
 def _plausible_answer(received: Received, label: str) -> str:

@@ -307,6 +307,7 @@ def test_cut_stream_raises_midstream_fallback_error(up):
     exc = ei.value
     assert isinstance(exc, litellm.ServiceUnavailableError) and exc.status_code == 500
     assert isinstance(exc.original_exception, litellm.APIConnectionError)
+    assert exc.generated_content == "one two three "
     assert "incomplete chunked read" in str(exc)
 
 
@@ -366,6 +367,16 @@ def test_anthropic_stream(up):
     chunks = list(litellm.completion(**anthropic_kw(up), stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed anthropic reply"
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (8, 4)
+
+
+def test_anthropic_cut_stream(up):
+    up.enqueue("an", Reply(text="one two three four five six", cut_after=1))
+    got = []
+    with pytest.raises(MidStreamFallbackError) as ei:
+        for c in litellm.completion(**anthropic_kw(up), stream=True):
+            got.append(c.choices[0].delta.content if c.choices else None)
+    assert "one two three " in got and "four " not in got
+    assert "incomplete chunked read" in str(ei.value)
 
 
 def test_anthropic_errors(up):
