@@ -8,6 +8,7 @@ pricing → targets, the default alias) are checked here, at load time.
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -77,6 +78,31 @@ class RetryConfig(_Model):
     honor_retry_after: bool = Field(True, description="Wait as long as the provider's Retry-After says (capped).")
 
 
+class CircuitConfig(_Model):
+    """When a target (provider + model) is taken out of rotation, and for how long."""
+
+    failure_threshold: PositiveInt = Field(5, description="Consecutive transient or auth failures that open it.")
+    failure_ratio: float | None = Field(
+        0.5, gt=0, le=1, description="Failure ratio over window_s that opens it (null: off)."
+    )
+    min_requests: PositiveInt = Field(10, description="Requests in the window before the ratio counts.")
+    window_s: PositiveFloat = Field(60.0, description="Window of the failure ratio, in seconds.")
+    cooldown_s: PositiveFloat = Field(30.0, description="How long it stays open before one probe is let through.")
+    when_all_open: Literal["try_soonest", "fail"] = Field(
+        "try_soonest", description="All targets open: try the one whose cooldown ends first, or fail at once."
+    )
+
+
+class CircuitOverride(_Model):
+    """Per-provider changes to defaults.circuit."""
+
+    failure_threshold: PositiveInt | None = None
+    failure_ratio: float | None = Field(None, gt=0, le=1)
+    min_requests: PositiveInt | None = None
+    window_s: PositiveFloat | None = None
+    cooldown_s: PositiveFloat | None = None
+
+
 class DefaultsConfig(_Model):
     """Settings that apply to every alias unless a provider overrides them."""
 
@@ -84,23 +110,35 @@ class DefaultsConfig(_Model):
     timeout_s: PositiveFloat = Field(30.0, description="Timeout of one attempt, in seconds.")
     deadline_s: PositiveFloat = Field(90.0, description="Bound on a whole generate() call, retries included.")
     retry: RetryConfig = RetryConfig()
+    circuit: CircuitConfig = CircuitConfig()
     fallback_on: list[FailureOutcome] = Field(
         default_factory=lambda: list(DEFAULT_FALLBACK_ON),  # type: ignore[arg-type]
         description="Failure outcomes that move the call on to the next target.",
     )
 
 
+class KeyConfig(_Model):
+    """A named key of a key pool: `{name: team-a, key: ${TEAM_A_KEY}}`."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    key: SecretStr
+
+
 class ProviderConfig(_Model):
     """One provider account: a litellm provider prefix plus where and how to reach it."""
 
     kind: str = Field(description="litellm provider prefix: openai, anthropic, openrouter, gemini, azure, ollama ...")
-    api_key: SecretStr | None = Field(None, description="Key, usually ${ENV_VAR}; omit only for servers that need none.")
+    api_key: SecretStr | list[SecretStr | KeyConfig] | None = Field(
+        None, description="Key, usually ${ENV_VAR}, or a pool of keys used in turn; omit for servers that need none."
+    )
     api_base: str | None = Field(None, description="Base URL, e.g. http://127.0.0.1:8000/v1 for a local server.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra HTTP headers sent with every request.")
     timeout_s: PositiveFloat | None = Field(None, description="Per-attempt timeout for this provider.")
+    enabled: bool = Field(True, description="false: skip this provider's targets (an emergency switch).")
+    circuit: CircuitOverride | None = Field(None, description="Changes to defaults.circuit for this provider.")
 
-    # The environment variables api_key was read from, for "set OPENAI_API_KEY" messages.
-    _key_env_vars: tuple[str, ...] = PrivateAttr(default=())
+    # The environment variables each key was read from, for "set OPENAI_API_KEY" messages.
+    _key_env_vars: tuple[tuple[str, ...], ...] = PrivateAttr(default=())
 
     @field_validator("kind")
     @classmethod
@@ -116,36 +154,112 @@ class ProviderConfig(_Model):
             raise ValueError("must start with http:// or https://")
         return v
 
+    @field_validator("api_key")
+    @classmethod
+    def _pool(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("a key pool needs at least one key")
+            names = [k.name for k in v if isinstance(k, KeyConfig)]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"key names must be unique: {', '.join(dup)}")
+        return v
+
+    def keys(self) -> tuple[ApiKey, ...]:
+        """The provider's keys as the router uses them (empty: no key configured)."""
+        raw = self.api_key
+        if raw is None:
+            return ()
+        items = raw if isinstance(raw, list) else [raw]
+        env = self._key_env_vars or tuple(() for _ in items)
+        out = []
+        for item, env_vars in zip(items, env):
+            secret = item.key if isinstance(item, KeyConfig) else item
+            name = item.name if isinstance(item, KeyConfig) else None
+            out.append(ApiKey.make(secret, name, env_vars))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One API key: its name (given, or a short hash of the key), the secret, and the env vars it came from."""
+
+    name: str
+    secret: SecretStr
+    env_vars: tuple[str, ...] = ()
+    named: bool = False
+
+    @classmethod
+    def make(cls, secret: SecretStr, name: str | None, env_vars: tuple[str, ...]) -> ApiKey:
+        """A key named `name`, or `key-<8 hex of sha256>` when unnamed: a label that never reveals the secret."""
+        value = secret.get_secret_value()
+        label = name or ("key-" + hashlib.sha256(value.encode()).hexdigest()[:8] if value else "key-unset")
+        return cls(label, secret, tuple(env_vars), name is not None)
+
+    @property
+    def usable(self) -> bool:
+        """False when the key resolved to nothing (env var unset or empty)."""
+        return bool(self.secret.get_secret_value())
+
 
 class TargetConfig(_Model):
-    """One entry of an alias's fallback order, long form."""
+    """One target of an alias, long form: `{provider, model, params}`, in a tier also `weight`."""
 
     provider: str
     model: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    weight: NonNegativeFloat = Field(1.0, description="Share of a tier's traffic (only in a tier).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _target_shorthand(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return _split_target(v)
+        if isinstance(v, dict) and "target" in v:
+            v = dict(v)
+            target = v.pop("target")
+            if not isinstance(target, str):
+                raise ValueError("target must be a '<provider>/<model>' string")
+            v = {**_split_target(target), **v}
+        return v
+
+
+def _split_target(text: str) -> dict[str, str]:
+    provider, sep, model = text.partition("/")
+    if not sep or not provider or not model:
+        raise ValueError(f"target {text!r} must be written '<provider>/<model>'")
+    return {"provider": provider, "model": model}
 
 
 class AliasConfig(_Model):
     """A model alias: the targets tried in order, and params and system prompt shared by them."""
 
-    targets: list[TargetConfig] = Field(min_length=1, description='Fallback order: "<provider>/<model>" or long form.')
+    targets: list[list[TargetConfig]] = Field(
+        min_length=1,
+        description='Fallback order. Each entry: "<provider>/<model>", {provider, model, params}, or a tier: '
+        "a list of {target, weight} sharing traffic by weight.",
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="litellm params, e.g. temperature, max_tokens.")
     system: str | None = Field(None, description="System prompt prepended when the messages carry none.")
 
     @field_validator("targets", mode="before")
     @classmethod
-    def _short_form(cls, v: Any) -> Any:
+    def _tiers(cls, v: Any) -> Any:
+        # A plain entry is a tier of one; the YAML keeps its shape for error locations (see _yaml_loc).
         if not isinstance(v, list):
             return v
-        out = []
-        for item in v:
-            if isinstance(item, str):
-                provider, sep, model = item.partition("/")
-                if not sep or not provider or not model:
-                    raise ValueError(f"target {item!r} must be written '<provider>/<model>'")
-                item = {"provider": provider, "model": model}
-            out.append(item)
-        return out
+        return [item if isinstance(item, list) else [item] for item in v]
+
+    @field_validator("targets")
+    @classmethod
+    def _tier_weights(cls, v: list[list[TargetConfig]]) -> list[list[TargetConfig]]:
+        for i, tier in enumerate(v):
+            if not tier:
+                raise ValueError(f"tier {i} is empty")
+            if not any(t.weight > 0 for t in tier):
+                raise ValueError(f"tier {i}: at least one member needs a weight above 0")
+        return v
 
 
 class PricingConfig(_Model):
@@ -201,7 +315,7 @@ class RouterConfig(_Model):
     pricing: dict[str, PricingConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
 
-    _targets: dict[str, tuple[Target, ...]] = PrivateAttr(default_factory=dict)
+    _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
 
     @property
@@ -209,9 +323,13 @@ class RouterConfig(_Model):
         """The file this config was read from."""
         return self._source
 
+    def tiers(self, alias: str) -> tuple[tuple[Target, ...], ...]:
+        """The alias's tiers in fallback order (a plain target is a tier of one), resolved against providers."""
+        return self._tiers[alias]
+
     def targets(self, alias: str) -> tuple[Target, ...]:
-        """The alias's targets in fallback order, resolved against providers and pricing."""
-        return self._targets[alias]
+        """Every target of the alias in config order, tiers flattened."""
+        return tuple(t for tier in self._tiers[alias] for t in tier)
 
 
 @dataclass(frozen=True)
@@ -222,12 +340,14 @@ class Target:
     model: str
     kind: str
     api_base: str | None
-    api_key: SecretStr | None
-    key_env_vars: tuple[str, ...]
+    keys: tuple[ApiKey, ...]
     headers: Mapping[str, str]
     timeout_s: float
     params: Mapping[str, Any]
     pricing: PricingConfig | None = None
+    weight: float = 1.0
+    enabled: bool = True
+    circuit: CircuitConfig = CircuitConfig()
     key: str = field(init=False)
     litellm_model: str = field(init=False)
 
@@ -237,8 +357,13 @@ class Target:
 
     @property
     def has_credentials(self) -> bool:
-        """False when api_key is configured but resolved to nothing (env var unset or empty)."""
-        return self.api_key is None or bool(self.api_key.get_secret_value())
+        """False when keys are configured but every one resolved to nothing (env var unset or empty)."""
+        return not self.keys or any(k.usable for k in self.keys)
+
+    @property
+    def key_env_vars(self) -> tuple[str, ...]:
+        """The env vars of the keys that resolved to nothing: what to set."""
+        return tuple(v for k in self.keys if not k.usable for v in k.env_vars)
 
 
 # OpenRouter names models "<vendor>/<model>"; users of the direct APIs write the bare model name.
@@ -317,6 +442,9 @@ class _Source:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
             what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+            bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
+            if "${" in bad_line:
+                what += ' (inside [...] or {...}, quote an env var: "${VAR}")'
             raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {what}")]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {exc}")]) from None
@@ -338,6 +466,15 @@ class _Source:
                 self.lines[path + (i,)] = item.start_mark.line + 1
                 self._walk(item, path + (i,))
 
+    def yaml_loc(self, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+        """`loc` without list indexes the YAML does not have (a plain target is validated as a tier of one)."""
+        out: tuple[Any, ...] = ()
+        for part in loc:
+            if isinstance(part, int) and out + (part,) not in self.lines and out in self.lines:
+                continue
+            out += (part,)
+        return out
+
     def line(self, loc: tuple[Any, ...]) -> int | None:
         for n in range(len(loc), 0, -1):
             if loc[:n] in self.lines:
@@ -348,9 +485,11 @@ class _Source:
         self.problems.append(ConfigProblem(self.file, line or self.line(loc), _key_path(loc), message))
 
 
-def _interpolate_tree(src: _Source, data: Any, env: Mapping[str, str]) -> tuple[Any, dict[str, tuple[str, ...]]]:
-    """Expand env vars in every string; an unset var is an error except in api_key (the target is then skipped)."""
-    key_env: dict[str, tuple[str, ...]] = {}
+def _interpolate_tree(
+    src: _Source, data: Any, env: Mapping[str, str]
+) -> tuple[Any, dict[str, dict[int, tuple[str, ...]]]]:
+    """Expand env vars in every string; an unset var is an error except in a key (its target is then skipped)."""
+    key_env: dict[str, dict[int, tuple[str, ...]]] = {}
 
     def walk(x: Any, loc: tuple[Any, ...]) -> Any:
         if isinstance(x, dict):
@@ -360,15 +499,29 @@ def _interpolate_tree(src: _Source, data: Any, env: Mapping[str, str]) -> tuple[
         if not isinstance(x, str) or "$" not in x:
             return x
         text, used, unset = interpolate(x, env)
-        is_key = len(loc) == 3 and loc[0] == "providers" and loc[2] == "api_key"
-        if is_key:
-            key_env[loc[1]] = tuple(used)
+        index = _key_index(loc)
+        if index is not None:
+            key_env.setdefault(loc[1], {})[index] = tuple(used)
         elif unset:
             names = ", ".join(unset)
             src.problem(loc, f"environment variable {names} is not set; set it or give a default: ${{{unset[0]}:-...}}")
         return text
 
     return walk(data, ()), key_env
+
+
+def _key_index(loc: tuple[Any, ...]) -> int | None:
+    """Which key of a provider's pool `loc` points at: api_key, api_key[i] or api_key[i].key; else None."""
+    if len(loc) < 3 or loc[0] != "providers" or loc[2] != "api_key":
+        return None
+    rest = loc[3:]
+    if rest == ():
+        return 0
+    if len(rest) == 1 and isinstance(rest[0], int):
+        return rest[0]
+    if len(rest) == 2 and isinstance(rest[0], int) and rest[1] == "key":
+        return rest[0]
+    return None
 
 
 def _friendly(err: Mapping[str, Any], model_fields: Iterable[str]) -> str:
@@ -393,11 +546,19 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
         if info is None:
             # inside a dict[str, Model]: the key is a name, the model is the dict's value type
             continue
-        ann = info.annotation
-        args = getattr(ann, "__args__", ())
-        candidates = [a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)]
-        model = candidates[0] if candidates else None
+        model = _model_in(info.annotation)
     return list(getattr(model, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `list[list[TargetConfig]]` or `dict[str, X] | None`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -413,11 +574,12 @@ def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | Non
         cfg = RouterConfig.model_validate(data)
     except ValidationError as exc:
         for err in exc.errors(include_input=False, include_url=False):
-            loc = tuple(err["loc"])
+            loc = src.yaml_loc(tuple(err["loc"]))
             src.problem(loc, _friendly(err, _fields_at(loc)))
         raise ConfigError(src.problems) from None
     for name, provider in cfg.providers.items():
-        provider._key_env_vars = key_env.get(name, ())
+        n = len(provider.api_key) if isinstance(provider.api_key, list) else 1
+        provider._key_env_vars = tuple(key_env.get(name, {}).get(i, ()) for i in range(n))
     _check_references(cfg, src)
     if src.problems:
         raise ConfigError(src.problems)
@@ -434,40 +596,49 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
     d = cfg.defaults
     if d.model is not None and d.model not in cfg.aliases:
         src.problem(("defaults", "model"), f"alias {d.model!r} is not defined under aliases{_suggest(d.model, cfg.aliases)}")
-    targets: dict[str, tuple[Target, ...]] = {}
+    tiers: dict[str, tuple[tuple[Target, ...], ...]] = {}
     spelled: set[str] = set()
     for alias_name, alias in cfg.aliases.items():
-        resolved = []
-        for i, t in enumerate(alias.targets):
-            provider = cfg.providers.get(t.provider)
-            if provider is None:
-                src.problem(
-                    ("aliases", alias_name, "targets", i),
-                    f"provider {t.provider!r} is not defined under providers{_suggest(t.provider, cfg.providers)}",
+        resolved: list[tuple[Target, ...]] = []
+        for i, tier in enumerate(alias.targets):
+            members = []
+            for j, t in enumerate(tier):
+                provider = cfg.providers.get(t.provider)
+                if provider is None:
+                    loc = src.yaml_loc(("aliases", alias_name, "targets", i, j))
+                    src.problem(loc, f"provider {t.provider!r} is not defined under providers{_suggest(t.provider, cfg.providers)}")
+                    continue
+                model = normalize_model(provider.kind, t.model)
+                spelled.update({f"{t.provider}/{t.model}", f"{t.provider}/{model}"})
+                members.append(
+                    Target(
+                        provider=t.provider,
+                        model=model,
+                        kind=provider.kind,
+                        api_base=provider.api_base,
+                        keys=provider.keys(),
+                        headers=dict(provider.headers),
+                        timeout_s=provider.timeout_s or d.timeout_s,
+                        params=dict(t.params),
+                        pricing=cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}"),
+                        weight=t.weight,
+                        enabled=provider.enabled,
+                        circuit=_circuit(d.circuit, provider.circuit),
+                    )
                 )
-                continue
-            model = normalize_model(provider.kind, t.model)
-            spelled.update({f"{t.provider}/{t.model}", f"{t.provider}/{model}"})
-            price = cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}")
-            resolved.append(
-                Target(
-                    provider=t.provider,
-                    model=model,
-                    kind=provider.kind,
-                    api_base=provider.api_base,
-                    api_key=provider.api_key,
-                    key_env_vars=provider._key_env_vars,
-                    headers=dict(provider.headers),
-                    timeout_s=provider.timeout_s or d.timeout_s,
-                    params=dict(t.params),
-                    pricing=price,
-                )
-            )
-        targets[alias_name] = tuple(resolved)
+            if members:
+                resolved.append(tuple(members))
+        tiers[alias_name] = tuple(resolved)
     for key in cfg.pricing:
         if key not in spelled:
             src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
-    cfg._targets = targets
+    cfg._tiers = tiers
+
+
+def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:
+    if override is None:
+        return base
+    return base.model_copy(update=override.model_dump(exclude_none=True))
 
 
 def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> RouterConfig:
@@ -493,7 +664,12 @@ def config_schema() -> dict[str, Any]:
     """JSON Schema of the config file, for editors."""
     schema = RouterConfig.model_json_schema(mode="validation")
     schema["title"] = "llm-router config"
-    # Targets may also be written "<provider>/<model>".
+    # A target may also be written "<provider>/<model>", and a tier member {target: "<provider>/<model>", weight}.
+    short = {"type": "string", "pattern": "^[^/]+/.+$"}
+    member = {"anyOf": [short, {"$ref": "#/$defs/TargetConfig"}, {
+        "type": "object", "required": ["target"], "additionalProperties": False,
+        "properties": {"target": short, "weight": {"type": "number", "minimum": 0}, "params": {"type": "object"}},
+    }]}
     alias = schema["$defs"]["AliasConfig"]["properties"]["targets"]
-    alias["items"] = {"anyOf": [{"type": "string", "pattern": "^[^/]+/.+$"}, alias["items"]]}
+    alias["items"] = {"anyOf": [member, {"type": "array", "items": member, "minItems": 1}]}
     return schema

@@ -54,6 +54,25 @@ class RouterMetrics:
         self.skipped = Counter(
             "skipped_total", "Targets passed over without a request.", ["alias", "provider", "model", "reason"], **kw
         )
+        self.key_requests = Counter(
+            "key_requests_total", "Requests sent with each key (its name or a short hash, never the key).",
+            ["provider", "key"], **kw,
+        )
+        self.circuit_state = Gauge(
+            "circuit_state", "Breaker of each target: 0 closed, 1 half-open, 2 open.", ["provider", "model"],
+            multiprocess_mode="max", **kw,
+        )
+        self.circuit_transitions = Counter(
+            "circuit_transitions_total", "Breaker state changes.", ["provider", "model", "to"], **kw
+        )
+        self.config_reloads = Counter("config_reloads_total", "Config reloads by result.", ["result"], **kw)
+        self.config_info = Gauge(
+            "config_info", "1 for the config in force, by its sha256.", ["sha256"], multiprocess_mode="max", **kw
+        )
+        self.config_last_reload = Gauge(
+            "config_last_reload_timestamp_seconds", "Unix time of the last successful config (re)load.",
+            multiprocess_mode="max", **kw,
+        )
         self.in_flight = Gauge(
             "in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw
         )
@@ -109,3 +128,22 @@ class RouterMetrics:
     def skip(self, alias: str, provider: str, model: str, reason: str) -> None:
         """A target was passed over without a request."""
         self.skipped.labels(alias, provider, model, reason).inc()
+
+    def key_used(self, provider: str, key: str) -> None:
+        """A request went out with the key named `key`."""
+        self.key_requests.labels(provider, key).inc()
+
+    def circuit(self, provider: str, model: str, state: str, value: int, transition: bool) -> None:
+        """A breaker is in `state` (value 0/1/2); `transition`: it just changed to it."""
+        self.circuit_state.labels(provider, model).set(value)
+        if transition:
+            self.circuit_transitions.labels(provider, model, state).inc()
+
+    def reloaded(self, ok: bool, sha256: str | None = None, previous: str | None = None, when: float = 0.0) -> None:
+        """A config (re)load succeeded (with the new file's sha256) or was rejected."""
+        self.config_reloads.labels("success" if ok else "error").inc()
+        if ok and sha256:
+            if previous and previous != sha256:
+                self.config_info.remove(previous)
+            self.config_info.labels(sha256).set(1)
+            self.config_last_reload.set(when)

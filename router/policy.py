@@ -1,5 +1,6 @@
 """Routing decisions as pure functions of plain data: no I/O, no clock, no litellm. Tested as tables.
 
+- `order_tiers()`   the order a call tries targets in: tier by tier, members by weighted draw
 - `plan_targets()`  which targets a call may use, in order, and which are skipped (no key)
 - `next_step()`     after a failed attempt: retry the same target, fall back to the next, or fail
 - `backoff_delay()` how long to wait before a retry (exponential, full jitter, Retry-After honoured)
@@ -13,7 +14,7 @@ from __future__ import annotations
 import email.utils
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .config import AliasConfig, RetryConfig, Target
@@ -31,17 +32,62 @@ class Step(enum.Enum):
     FAIL = "fail"
 
 
-def plan_targets(targets: Sequence[Target], provider: str | None = None) -> tuple[list[Target], list[Skip]]:
-    """Split an alias's targets (restricted to `provider` if given) into those to try and those skipped."""
+def order_tier(tier: Sequence[Target], draws: Sequence[float]) -> list[Target]:
+    """A tier's members in the order to try them: a weighted draw without replacement (zero weights last).
+
+    `draws` holds one uniform number in [0, 1) per member, so the order is a pure function of its inputs.
+    """
+    left = [t for t in tier if t.weight > 0]
+    out: list[Target] = []
+    for u in draws:
+        if not left:
+            break
+        total = sum(t.weight for t in left)
+        point, acc = u * total, 0.0
+        for i, t in enumerate(left):
+            acc += t.weight
+            if point < acc or i == len(left) - 1:
+                out.append(left.pop(i))
+                break
+    return out + left + [t for t in tier if t.weight <= 0]
+
+
+def order_tiers(tiers: Sequence[Sequence[Target]], draw: Callable[[], float]) -> list[Target]:
+    """Every target of an alias in the order a call tries them: tier by tier, each tier by weight."""
+    out: list[Target] = []
+    for tier in tiers:
+        out.extend(tier if len(tier) == 1 else order_tier(tier, [draw() for _ in tier]))
+    return out
+
+
+def static_skip(target: Target, disabled: frozenset[str], pinned_key: str | None) -> Skip | None:
+    """Why a target is passed over before any request (disabled, no key, pinned key absent), or None."""
+    if not target.enabled or target.provider in disabled:
+        return Skip(target.provider, target.model, "disabled")
+    if not target.has_credentials:
+        return Skip(target.provider, target.model, "no_credentials", target.key_env_vars)
+    if pinned_key is not None and not any(k.name == pinned_key and k.usable for k in target.keys):
+        return Skip(target.provider, target.model, "key_not_in_pool")
+    return None
+
+
+def plan_targets(
+    targets: Sequence[Target],
+    provider: str | None = None,
+    disabled: frozenset[str] = frozenset(),
+    pinned_key: str | None = None,
+) -> tuple[list[Target], list[Skip]]:
+    """Split targets (restricted to `provider` if given) into those a call may try, in order, and those skipped."""
     usable: list[Target] = []
     skipped: list[Skip] = []
     for t in targets:
         if provider is not None and t.provider != provider:
             continue
-        if t.has_credentials:
+        skip = static_skip(t, disabled, pinned_key)
+        if skip is None:
             usable.append(t)
         else:
-            skipped.append(Skip(t.provider, t.model, "no_credentials", t.key_env_vars))
+            skipped.append(skip)
     return usable, skipped
 
 
