@@ -40,7 +40,7 @@ def litellm() -> ModuleType:
 
 
 def request_kwargs(target: Target, messages: list[dict[str, Any]], params: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """The keyword arguments of one litellm.completion call. max_retries=0: the router owns retries."""
+    """The keyword arguments of one litellm.completion call, less the key. max_retries=0: the router owns retries."""
     kw: dict[str, Any] = {
         **params,
         "model": target.litellm_model,
@@ -50,8 +50,6 @@ def request_kwargs(target: Target, messages: list[dict[str, Any]], params: dict[
     }
     if target.api_base:
         kw["api_base"] = target.api_base
-    if target.api_key is not None:
-        kw["api_key"] = target.api_key.get_secret_value()
     if target.headers:
         kw["extra_headers"] = dict(target.headers)
     return kw
@@ -148,7 +146,15 @@ def _looks_unparseable(message: str) -> bool:
     m = message.lower()
     return any(
         s in m
-        for s in ("empty or invalid response", "expecting value", "jsondecodeerror", "invalid json", "unable to parse")
+        for s in (
+            "empty or invalid response",
+            "invalid response object",
+            "returned 'choices'",
+            "expecting value",
+            "jsondecodeerror",
+            "invalid json",
+            "unable to parse",
+        )
     )
 
 

@@ -12,7 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .config import RouterConfig, Target, config_schema, load_config
+from prometheus_client import CollectorRegistry
+
+from .config import RouterConfig, config_schema, load_config
 from .errors import ConfigError, RouterError
 
 DEFAULT_CONFIG = "config/router.yaml"
@@ -47,62 +49,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _credential_notes(cfg: RouterConfig) -> list[str]:
     notes = []
     for name, p in cfg.providers.items():
-        if p.api_key is not None and not p.api_key.get_secret_value():
-            need = " or ".join(p._key_env_vars) or "api_key"
-            notes.append(f"{need} is not set: provider {name!r} will be skipped")
+        for k in p.keys():
+            if not k.usable:
+                need = " or ".join(k.env_vars) or "api_key"
+                notes.append(f"{need} is not set: provider {name!r} will be skipped" if len(p.keys()) == 1
+                             else f"{need} is not set: that key of provider {name!r} will be skipped")
     return notes
 
 
-def _key_state(t: Target) -> str:
-    # Never a character of the key itself: only where it comes from.
-    if t.api_key is None:
-        return "no key configured"
-    if not t.api_key.get_secret_value():
-        return f"MISSING: set {' or '.join(t.key_env_vars) or 'api_key'} (skipped)"
-    return f"key from ${t.key_env_vars[0]}" if t.key_env_vars else "key: literal in file"
-
-
-def _price(t: Target) -> str:
-    if t.pricing is None:
-        return "price: provider-reported or litellm's price map"
-    return f"price: ${t.pricing.input_per_token * 1e6:g} in / ${t.pricing.output_per_token * 1e6:g} out per 1M tokens"
-
-
-def explain(cfg: RouterConfig, alias: str | None = None) -> str:
-    """What a call to each alias (or just `alias`) would do: targets in order, credentials, prices."""
-    names = [alias] if alias else list(cfg.aliases)
-    d = cfg.defaults
-    out = [
-        f"{cfg.source}: timeout {d.timeout_s:g}s per attempt, deadline {d.deadline_s:g}s per call, "
-        f"{d.retry.attempts} tries per target on transient errors",
-        f"fall back on: {', '.join(d.fallback_on)}",
-    ]
-    for name in names:
-        a = cfg.aliases[name]
-        default = " (default)" if name == d.model else ""
-        out.append("")
-        out.append(f"{name}{default}")
-        if a.system:
-            out.append(f"  system: {a.system if len(a.system) <= 60 else a.system[:57] + '...'}")
-        if a.params:
-            out.append(f"  params: {json.dumps(a.params, sort_keys=True)}")
-        for i, t in enumerate(cfg.targets(name), 1):
-            params = f"  params {json.dumps(dict(t.params), sort_keys=True)}" if t.params else ""
-            base = f", at {t.api_base}" if t.api_base else ""
-            out.append(f"  {i}. {t.key}  (litellm model {t.litellm_model}{base}, timeout {t.timeout_s:g}s){params}")
-            out.append(f"     {_key_state(t)}; {_price(t)}")
-        if not any(t.has_credentials for t in cfg.targets(name)):
-            out.append("  ! no target has credentials: calls will raise MissingCredentialsError")
-    return "\n".join(out)
-
-
 def cmd_explain(args: argparse.Namespace) -> int:
-    """Print the plan of each alias."""
-    cfg = load_config(args.file)
-    if args.alias and args.alias not in cfg.aliases:
-        _err(f"llm-router: unknown alias {args.alias!r} (aliases: {', '.join(cfg.aliases)})")
+    """Print the plan of each alias, as a call made now would follow it."""
+    from .client import Router  # no litellm import: that waits for the first request
+
+    r = Router(load_config(args.file), registry=CollectorRegistry())
+    if args.alias and args.alias not in r.config.aliases:
+        _err(f"llm-router: unknown alias {args.alias!r} (aliases: {', '.join(r.config.aliases)})")
         return 1
-    print(explain(cfg, args.alias))
+    print(r.explain(args.alias))
     return 0
 
 
@@ -140,6 +103,16 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `llm-router`."""
     p = argparse.ArgumentParser(prog="llm-router", description="Config-driven LLM router over litellm.")
@@ -160,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", help="alias (default: defaults.model)")
     g.add_argument("--provider", help="use only this provider's targets")
     g.add_argument("--system", help="system prompt")
-    g.add_argument("--timeout", type=float, help="deadline of the whole call in seconds")
+    g.add_argument("--timeout", type=_positive_float, help="deadline of the whole call in seconds")
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--temperature", type=float)
     g.set_defaults(func=cmd_generate)
@@ -188,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `llm-router schema | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return code
 
 

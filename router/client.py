@@ -3,26 +3,35 @@
 The attempt loop is written once, as a generator that yields what it wants done (send a request, sleep)
 and receives the outcome. `generate()` drives it with `litellm.completion` and `time.sleep`, `agenerate()`
 with `litellm.acompletion` and `asyncio.sleep`: the two paths differ only in I/O, so they cannot drift.
+
+The config in force is an immutable snapshot. A call reads it once, at its start, and finishes on it;
+`reload()` swaps in a new one for the calls that start afterwards. No lock is held across a request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import difflib
+import hashlib
 import logging
 import os
 import random
+import signal
+import threading
 import time
+import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from . import _litellm
-from .config import RouterConfig, Target, load_config
+from .config import ApiKey, RouterConfig, Target, load_config
 from .errors import (
     AllTargetsFailedError,
+    ConfigError,
     DeadlineExceededError,
     MissingCredentialsError,
     ProviderError,
@@ -31,8 +40,19 @@ from .errors import (
     redact,
     scrub,
 )
+from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
 from .metrics import RouterMetrics
-from .policy import Step, backoff_delay, build_messages, merge_params, next_step, plan_targets, price
+from .policy import (
+    TRANSIENT,
+    Step,
+    backoff_delay,
+    build_messages,
+    merge_params,
+    next_step,
+    order_tiers,
+    plan_targets,
+    price,
+)
 from .types import Attempt, Result, Skip
 
 log = logging.getLogger("router")
@@ -41,6 +61,11 @@ log = logging.getLogger("router")
 _RESERVED = frozenset(
     {"model", "messages", "api_key", "api_base", "base_url", "extra_headers", "max_retries", "num_retries", "stream"}
 )
+# Failures that say a target is unhealthy (as opposed to a bad request): they count towards its breaker.
+_COUNTS_AGAINST_TARGET = TRANSIENT | {"auth", "payment_required"}
+_KEY_FAILURES = frozenset({"auth", "payment_required"})
+
+DISABLED_ENV = "LLM_ROUTER_DISABLED_PROVIDERS"
 
 
 @dataclass(frozen=True)
@@ -58,13 +83,39 @@ class _Sleep:
 
 
 @dataclass(frozen=True)
+class _Snapshot:
+    """The config in force and what is derived from it, swapped whole on reload."""
+
+    config: RouterConfig
+    disabled: frozenset[str]
+    secrets: tuple[str, ...]
+
+
+def _snapshot(config: RouterConfig, env: Mapping[str, str]) -> _Snapshot:
+    disabled = frozenset(p.strip() for p in env.get(DISABLED_ENV, "").split(",") if p.strip())
+    unknown = disabled - set(config.providers)
+    if unknown:
+        log.warning("%s names providers not in the config: %s", DISABLED_ENV, ", ".join(sorted(unknown)))
+    # Values to scrub from every error text; short literals like "none" are not secrets.
+    secrets = tuple(
+        v
+        for p in config.providers.values()
+        for k in p.keys()
+        if len(v := k.secret.get_secret_value()) >= 6
+    )
+    return _Snapshot(config, disabled, secrets)
+
+
+@dataclass(frozen=True)
 class _Plan:
     """Everything a call needs, worked out before the first request."""
 
+    snap: _Snapshot
     alias: str
-    targets: tuple[tuple[Target, dict[str, Any]], ...]  # each target with its request kwargs, less the timeout
+    targets: tuple[tuple[Target, dict[str, Any]], ...]  # in try order, each with its kwargs less timeout and key
     skipped: tuple[Skip, ...]
     deadline_s: float
+    pinned_key: str | None
 
 
 _Loop = Generator[_Send | _Sleep, Any, Result]
@@ -73,9 +124,10 @@ _Loop = Generator[_Send | _Sleep, Any, Result]
 class Router:
     """Routes generate() calls over the targets of a config's aliases, with retries, fallback and metrics.
 
-    ``Router(config, registry=...)`` or ``Router.from_yaml(path)``. `registry` is the prometheus
+    ``Router(config, registry=...)`` or ``Router.from_yaml(path, watch=True)``. `registry` is the prometheus
     CollectorRegistry to record into (default: prometheus_client's global one); Routers on one registry
-    share its metrics. `sleep`, `asleep` and `jitter` are injectable so tests never wait.
+    share its metrics. `circuits` and `keys` are the stores of breaker and key-pool state (default: in this
+    process). `sleep`, `asleep`, `jitter` and `rng` (weighted tiers) are injectable so tests never wait.
     """
 
     def __init__(
@@ -86,27 +138,104 @@ class Router:
         sleep: Callable[[float], None] = time.sleep,
         asleep: Callable[[float], Any] = asyncio.sleep,
         jitter: Callable[[], float] = random.random,
+        rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        circuits: CircuitStore | None = None,
+        keys: KeyStore | None = None,
     ) -> None:
-        self.config = config
         self.metrics = RouterMetrics.on(registry, config.metrics.namespace, config.metrics.buckets)
         self._sleep = sleep
         self._asleep = asleep
         self._jitter = jitter
+        self._rng = rng or random.Random()
         self._clock = clock
-        # Values to scrub from every error text; short literals like "none" are not secrets.
-        self._secrets = tuple(
-            v for p in config.providers.values() if p.api_key and len(v := p.api_key.get_secret_value()) >= 6
-        )
+        self._circuits: CircuitStore = circuits or MemoryCircuitStore()
+        self._keys: KeyStore = keys or MemoryKeyStore()
+        self._path: Path | None = None
+        self._reload_lock = threading.Lock()
+        self._watch_stop: threading.Event | None = None
         self._warned_skips: set[tuple[str, str]] = set()
+        self._snap = _snapshot(config, os.environ)
+        self.metrics.config_in_force(config.sha256, None, time.time())
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str], *, registry: CollectorRegistry | None = None, **kwargs: Any) -> Router:
-        """A Router on the config file at `path` (see `load_config`)."""
-        return cls(load_config(path), registry=registry, **kwargs)
+    def from_yaml(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        registry: CollectorRegistry | None = None,
+        watch: bool = False,
+        poll_s: float = 0.5,
+        **kwargs: Any,
+    ) -> Router:
+        """A Router on the config file at `path` (see `load_config`); `watch=True` reloads it when it changes."""
+        r = cls(load_config(path), registry=registry, **kwargs)
+        r._path = Path(path)
+        if watch:
+            r.watch(poll_s)
+        return r
+
+    @property
+    def config(self) -> RouterConfig:
+        """The config in force."""
+        return self._snap.config
 
     def __repr__(self) -> str:
         return f"<Router {self.config.source} aliases={list(self.config.aliases)}>"
+
+    # -- hot reload ----------------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Re-read the config file (and LLM_ROUTER_DISABLED_PROVIDERS); a file that fails validation is rejected
+        whole and the last good config stays in force. Calls already under way finish on the config they
+        started with. Returns whether the new config was applied."""
+        if self._path is None:
+            raise RuntimeError("reload() needs a Router made by Router.from_yaml(path)")
+        with self._reload_lock:
+            try:
+                config = load_config(self._path)
+            except ConfigError as exc:
+                self.metrics.reload_result(False)
+                log.error("config reload rejected, keeping the last good config:\n%s", exc)
+                return False
+            old = self._snap.config
+            m = config.metrics
+            if (m.namespace, tuple(m.buckets)) != (old.metrics.namespace, tuple(old.metrics.buckets)):
+                log.warning("metrics namespace and buckets change at restart only; keeping %r", old.metrics.namespace)
+            self._snap = _snapshot(config, os.environ)
+            self.metrics.reload_result(True)
+            self.metrics.config_in_force(config.sha256, old.sha256, time.time())
+            log.info("config reloaded from %s (sha256 %s)", config.source, config.sha256[:12])
+            return True
+
+    def watch(self, poll_s: float = 0.5) -> None:
+        """Poll the config file every `poll_s` seconds in a daemon thread and reload it when it changes."""
+        if self._path is None:
+            raise RuntimeError("watch() needs a Router made by Router.from_yaml(path)")
+        if self._watch_stop is not None:
+            return
+        stop = self._watch_stop = threading.Event()
+        thread = threading.Thread(
+            target=_watch, args=(weakref.ref(self), self._path, poll_s, stop), name="llm-router-watch", daemon=True
+        )
+        thread.start()
+
+    def close(self) -> None:
+        """Stop watching the config file."""
+        if self._watch_stop is not None:
+            self._watch_stop.set()
+            self._watch_stop = None
+
+    def install_sighup_handler(self) -> None:
+        """Reload on SIGHUP (opt-in, for processes that own their signals; main thread only)."""
+        ref = weakref.ref(self)
+
+        def on_hup(signum: int, frame: Any) -> None:
+            r = ref()
+            if r is not None:  # not in the handler itself: the interrupted code may hold the reload lock
+                threading.Thread(target=r.reload, name="llm-router-sighup", daemon=True).start()
+
+        signal.signal(signal.SIGHUP, on_hup)
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -119,17 +248,18 @@ class Router:
         system: str | None = None,
         provider: str | None = None,
         timeout: float | None = None,
+        key: str | None = None,
         **params: Any,
     ) -> Result:
         """Answer `prompt` (or `messages`) with the alias `model`, falling back over its targets in order.
 
         `system` is prepended unless the messages start with a system message. `provider` restricts the call
-        to that provider's targets. `timeout` bounds the whole call (default: `defaults.deadline_s`). Other
-        keyword arguments are litellm params (temperature, max_tokens, ...) and override the target's and
-        the alias's. Raises a `RouterError` subclass when no target answers.
+        to that provider's targets; `key` pins a named key of the providers' key pools. `timeout` bounds the
+        whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm params (temperature,
+        max_tokens, ...) and override the target's and the alias's. Raises a `RouterError` subclass when no
+        target answers.
         """
-        plan, messages_ = self._prepare(prompt, messages, model, system, provider, timeout, params)
-        loop = self._attempts(plan, messages_)
+        loop = self._attempts(self._prepare(prompt, messages, model, system, provider, timeout, key, params))
         try:
             step = next(loop)
             while True:
@@ -157,11 +287,11 @@ class Router:
         system: str | None = None,
         provider: str | None = None,
         timeout: float | None = None,
+        key: str | None = None,
         **params: Any,
     ) -> Result:
         """Async twin of `generate()`, for event loops."""
-        plan, messages_ = self._prepare(prompt, messages, model, system, provider, timeout, params)
-        loop = self._attempts(plan, messages_)
+        loop = self._attempts(self._prepare(prompt, messages, model, system, provider, timeout, key, params))
         try:
             step = next(loop)
             while True:
@@ -180,6 +310,13 @@ class Router:
         finally:
             loop.close()
 
+    def explain(self, alias: str | None = None) -> str:
+        """The plan a call would follow right now: tiers and weights, what is skipped and why, prices."""
+        from .explain import explain
+
+        snap, now = self._snap, self._clock()
+        return explain(snap.config, alias, snap.disabled, lambda t: self._circuits.peek(t.key), now)
+
     # -- the shared core -------------------------------------------------------------------------------------
 
     def _prepare(
@@ -190,9 +327,12 @@ class Router:
         system: str | None,
         provider: str | None,
         timeout: float | None,
+        key: str | None,
         params: dict[str, Any],
-    ) -> tuple[_Plan, list[dict[str, Any]]]:
-        cfg = self.config
+    ) -> _Plan:
+        _litellm.litellm()  # the first call imports it: not inside any attempt's clock or the deadline
+        snap = self._snap  # read once: the whole call runs on this config
+        cfg = snap.config
         reserved = _RESERVED.intersection(params)
         if reserved:
             raise TypeError(f"generate() does not take {', '.join(sorted(reserved))}: the router sets it from the config")
@@ -205,113 +345,258 @@ class Router:
         if alias is None:
             close = difflib.get_close_matches(alias_name, list(cfg.aliases), n=3, cutoff=0.5)
             raise UnknownModelError(alias_name, list(cfg.aliases), close)
-        all_targets = cfg.targets(alias_name)
         if provider is not None:
-            if provider not in cfg.providers:
-                raise UnknownProviderError(
-                    provider, alias_name,
-                    f"provider {provider!r} is not configured (providers: {', '.join(cfg.providers)})",
-                )
-            if not any(t.provider == provider for t in all_targets):
-                on = sorted({t.provider for t in all_targets})
-                raise UnknownProviderError(
-                    provider, alias_name,
-                    f"alias {alias_name!r} has no target on provider {provider!r} (its targets use: {', '.join(on)})",
-                )
-        usable, skipped = plan_targets(all_targets, provider)
+            _check_provider(cfg, alias_name, provider)
+        if key is not None:
+            _check_key(cfg, alias_name, key)
+        ordered = order_tiers(cfg.tiers(alias_name), self._rng.random)
+        usable, skipped = plan_targets(ordered, provider, snap.disabled, key)
         msgs = build_messages(prompt, messages, system if system is not None else alias.system)
-        plan = _Plan(
+        return _Plan(
+            snap=snap,
             alias=alias_name,
             targets=tuple((t, _litellm.request_kwargs(t, msgs, merge_params(alias, t, params), t.timeout_s)) for t in usable),
             skipped=tuple(skipped),
             deadline_s=timeout if timeout is not None else cfg.defaults.deadline_s,
+            pinned_key=key,
         )
-        return plan, msgs
 
-    def _attempts(self, plan: _Plan, messages: list[dict[str, Any]]) -> _Loop:
+    def _attempts(self, plan: _Plan) -> _Loop:
         """The attempt loop: yields `_Send`/`_Sleep`, is sent the reply (a response or an exception)."""
         m, alias, clock = self.metrics, plan.alias, self._clock
-        retry, fallback_on = self.config.defaults.retry, self.config.defaults.fallback_on
         start = clock()
-        deadline = start + plan.deadline_s
         attempts: list[Attempt] = []
+        skipped = list(plan.skipped)
         final = "cancelled"  # if the caller goes away mid-call (task cancelled, KeyboardInterrupt)
         m.request_started(alias)
         try:
             for s in plan.skipped:
                 self._note_skip(alias, s)
-            if not plan.targets:
-                final = "no_credentials"
-                raise MissingCredentialsError(alias, plan.skipped)
-            for i, (target, kwargs) in enumerate(plan.targets):
-                has_next = i + 1 < len(plan.targets)
-                tries = 0
-                while True:
-                    remaining = deadline - clock()
-                    if remaining <= 0:
-                        final = attempts[-1].outcome if attempts else "timeout"
-                        raise DeadlineExceededError(alias, attempts, plan.deadline_s)
-                    tries += 1
-                    t0 = clock()
-                    reply = yield _Send({**kwargs, "timeout": min(target.timeout_s, remaining)})
-                    took = clock() - t0
-                    answer = None
-                    if not isinstance(reply, BaseException):
-                        try:
-                            answer = _litellm.read_response(reply)
-                        except _litellm.InvalidResponse as exc:
-                            reply = exc
-                    if answer is not None:
-                        m.attempt(alias, target.provider, target.model, "success", took)
-                        attempts.append(Attempt(target.provider, target.model, "success", took))
-                        cost, source = price(
-                            answer.usage, target, answer.provider_cost,
-                            _litellm.price_map_cost(target, answer.usage)
-                            if target.pricing is None and answer.provider_cost is None else None,
-                        )
-                        m.answered(
-                            alias, target.provider, target.model, answer.usage.input_tokens,
-                            answer.usage.output_tokens, cost, source != "unknown",
-                        )
-                        final = "success"
-                        return Result(
-                            text=answer.text, alias=alias, provider=target.provider, model=target.model,
-                            usage=answer.usage, cost_usd=cost, cost_source=source, latency_s=clock() - start,
-                            attempts=tuple(attempts), skipped=plan.skipped, finish_reason=answer.finish_reason,
-                            raw=reply,
-                        )
-                    scrub(reply, self._secrets)
-                    failure = _litellm.classify_error(reply)
-                    error = redact(failure.message, self._secrets)
-                    m.attempt(alias, target.provider, target.model, failure.outcome, took)
-                    attempts.append(Attempt(target.provider, target.model, failure.outcome, took, error, failure.status_code))
-                    step = next_step(failure.outcome, tries, retry, fallback_on, has_next)
-                    if step is Step.RETRY:
-                        delay = backoff_delay(tries, retry, failure.retry_after, self._jitter())
-                        if delay < deadline - clock():
-                            log.info("%s: %s failed (%s), retry %d in %.2fs", alias, target.key, failure.outcome, tries, delay)
-                            if delay > 0:
-                                yield _Sleep(delay)
-                            continue
-                        # Waiting would outlast the deadline: better to move on now.
-                        step = Step.FALLBACK if failure.outcome in fallback_on and has_next else Step.FAIL
-                    if step is Step.FALLBACK:
-                        nxt = plan.targets[i + 1][0]
-                        m.fallback(alias, target.provider, nxt.provider, failure.outcome)
-                        log.warning("%s: %s failed (%s), falling back to %s", alias, target.key, failure.outcome, nxt.key)
-                        break
-                    final = failure.outcome
-                    log.warning("%s: %s failed (%s): %s", alias, target.key, failure.outcome, error)
-                    if failure.outcome in fallback_on:
-                        raise AllTargetsFailedError(alias, attempts) from reply
-                    raise ProviderError(alias, attempts) from reply
-            raise AssertionError("unreachable: the last target either answers or raises")  # pragma: no cover
+            queue = list(plan.targets)
+            held_open: list[tuple[float, Target, dict[str, Any]]] = []  # skipped for an open circuit
+            try_soonest = plan.snap.config.defaults.circuit.when_all_open == "try_soonest"
+            left: tuple[str, str] | None = None  # (provider, reason) of the target just fallen back from
+            last_error: BaseException | None = None
+            while queue or (held_open and not attempts and try_soonest):
+                if queue:
+                    target, kwargs = queue.pop(0)
+                    admission = self._circuits.admit(target.key, target.circuit, clock())
+                    if admission.transition:
+                        self._circuit_changed(target, admission.transition)
+                    probe = admission.probe
+                    if not admission.allowed:
+                        held_open.append((admission.open_until, target, kwargs))
+                        self._skip(alias, skipped, Skip(target.provider, target.model, "circuit_open"))
+                        continue
+                else:  # every usable target is open: try the one whose cooldown ends first, as a probe
+                    _, target, kwargs = min(held_open, key=lambda h: h[0])
+                    held_open.clear()
+                    probe = True
+                key = self._pick_key(target, plan.pinned_key, set())
+                if target.keys and key is None:
+                    self._skip(alias, skipped, Skip(target.provider, target.model, "keys_benched"))
+                    continue
+                if left is not None:
+                    m.fallback(alias, left[0], target.provider, left[1])
+                outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
+                if isinstance(outcome, Result):
+                    final = "success"
+                    return replace(outcome, skipped=tuple(skipped)) if skipped else outcome
+                failure, last_error = outcome
+                left = (target.provider, failure.outcome)
+            if attempts:
+                raise AllTargetsFailedError(alias, attempts) from last_error
+            reason = _no_target_outcome(skipped)
+            if reason == "no_credentials":
+                final = reason
+                raise MissingCredentialsError(alias, skipped)
+            raise AllTargetsFailedError(alias, [], reason=f"no target is usable ({reason})", outcome=reason)
+        except (ProviderError, AllTargetsFailedError) as exc:
+            final = exc.outcome
+            raise
         finally:
             m.request_finished(alias, final, clock() - start)
 
+    def _on_target(
+        self,
+        plan: _Plan,
+        start: float,
+        target: Target,
+        kwargs: dict[str, Any],
+        key: ApiKey | None,
+        probe: bool,
+        attempts: list[Attempt],
+        has_next: bool,
+    ) -> Generator[_Send | _Sleep, Any, Result | tuple[_litellm.Failure, BaseException]]:
+        """Attempts on one target, with retries and key rotation: a Result, or the failure to fall back from."""
+        m, alias, clock = self.metrics, plan.alias, self._clock
+        defaults = plan.snap.config.defaults
+        retry, fallback_on = defaults.retry, defaults.fallback_on
+        deadline = start + plan.deadline_s
+        keys_tried: set[str] = set()
+        tries = 0
+        while True:
+            remaining = deadline - clock()
+            if remaining <= 0:
+                raise DeadlineExceededError(alias, attempts, plan.deadline_s)
+            tries += 1
+            send = {**kwargs, "timeout": min(target.timeout_s, remaining)}
+            if key is not None:
+                send["api_key"] = key.secret.get_secret_value()
+                keys_tried.add(key.name)
+                m.key_used(target.provider, key.name)
+            t0 = clock()
+            try:
+                reply = yield _Send(send)
+            except GeneratorExit:  # the caller went away mid-request: the attempt still counts
+                m.attempt(alias, target.provider, target.model, "cancelled", clock() - t0)
+                raise
+            took = clock() - t0
+            answer = None
+            if not isinstance(reply, BaseException):
+                try:
+                    answer = _litellm.read_response(reply)
+                except _litellm.InvalidResponse as exc:
+                    reply = exc
+            if answer is not None:
+                m.attempt(alias, target.provider, target.model, "success", took)
+                attempts.append(Attempt(target.provider, target.model, "success", took))
+                self._record_health(target, False, probe)
+                cost, source = price(
+                    answer.usage, target, answer.provider_cost,
+                    _litellm.price_map_cost(target, answer.usage)
+                    if target.pricing is None and answer.provider_cost is None else None,
+                )
+                m.answered(
+                    alias, target.provider, target.model, answer.usage.input_tokens,
+                    answer.usage.output_tokens, cost, source != "unknown",
+                )
+                return Result(
+                    text=answer.text, alias=alias, provider=target.provider, model=target.model,
+                    usage=answer.usage, cost_usd=cost, cost_source=source, latency_s=clock() - start,
+                    attempts=tuple(attempts), finish_reason=answer.finish_reason, raw=reply,
+                )
+            scrub(reply, plan.snap.secrets)
+            failure = _litellm.classify_error(reply)
+            error = redact(failure.message, plan.snap.secrets)
+            m.attempt(alias, target.provider, target.model, failure.outcome, took)
+            attempts.append(Attempt(target.provider, target.model, failure.outcome, took, error, failure.status_code))
+
+            # In a key pool, a key refused (401/402) is benched, and a refused or rate-limited request goes
+            # out again at once with the next key, before any retry or fallback.
+            if key is not None and plan.pinned_key is None and len(target.keys) > 1:
+                if failure.outcome in _KEY_FAILURES:
+                    self._keys.bench(target.provider, key.name, clock() + target.circuit.cooldown_s)
+                    log.warning("%s: key %r of provider %r benched after %s", alias, key.name, target.provider, failure.outcome)
+                if failure.outcome in _KEY_FAILURES or failure.outcome == "rate_limit":
+                    nxt = self._pick_key(target, None, keys_tried)
+                    if nxt is not None:
+                        key, tries = nxt, tries - 1
+                        continue
+            self._record_health(target, _health_signal(failure.outcome), probe)
+            step = next_step(failure.outcome, tries, retry, fallback_on, has_next)
+            if step is Step.RETRY:
+                delay = backoff_delay(tries, retry, failure.retry_after, self._jitter())
+                # A probe gets one request; a breaker that just opened, or a wait that would outlast the
+                # deadline, means moving on now.
+                if not probe and delay < deadline - clock() and self._circuits.admit(target.key, target.circuit, clock()).allowed:
+                    log.info("%s: %s failed (%s), retry %d in %.2fs", alias, target.key, failure.outcome, tries, delay)
+                    if delay > 0:
+                        yield _Sleep(delay)
+                    continue
+                step = Step.FALLBACK if failure.outcome in fallback_on and has_next else Step.FAIL
+            if step is Step.FALLBACK:
+                log.warning("%s: %s failed (%s), falling back", alias, target.key, failure.outcome)
+                return failure, reply
+            log.warning("%s: %s failed (%s): %s", alias, target.key, failure.outcome, error)
+            if failure.outcome in fallback_on:
+                raise AllTargetsFailedError(alias, attempts) from reply
+            raise ProviderError(alias, attempts) from reply
+
+    def _pick_key(self, target: Target, pinned: str | None, tried: set[str]) -> ApiKey | None:
+        if not target.keys:
+            return None
+        if pinned is not None:
+            return next((k for k in target.keys if k.name == pinned and k.name not in tried), None)
+        return self._keys.pick(target.provider, target.keys, self._clock(), frozenset(tried))
+
+    def _record_health(self, target: Target, failed: bool | None, probe: bool) -> None:
+        to = self._circuits.record(target.key, target.circuit, self._clock(), failed, probe)
+        if to is not None:
+            self._circuit_changed(target, to)
+
+    def _circuit_changed(self, target: Target, to: str) -> None:
+        self.metrics.circuit(target.provider, target.model, to, STATE_VALUE[to], True)
+        log.warning("circuit of %s is now %s", target.key, to.replace("_", "-"))
+
+    def _skip(self, alias: str, skipped: list[Skip], s: Skip) -> None:
+        skipped.append(s)
+        self._note_skip(alias, s)
+
     def _note_skip(self, alias: str, s: Skip) -> None:
         self.metrics.skip(alias, s.provider, s.model, s.reason)
-        if (s.provider, s.reason) not in self._warned_skips:
+        if s.reason == "no_credentials" and (s.provider, s.reason) not in self._warned_skips:
             self._warned_skips.add((s.provider, s.reason))
             need = " or ".join(s.env_vars) or "api_key"
             log.warning("provider %r skipped: %s is not set", s.provider, need)
+
+
+def _health_signal(outcome: str) -> bool | None:
+    """Whether a failure counts against the target's breaker (None: it says nothing about its health)."""
+    return True if outcome in _COUNTS_AGAINST_TARGET else None
+
+
+def _no_target_outcome(skipped: Sequence[Skip]) -> str:
+    reasons = {s.reason for s in skipped}
+    for reason in ("no_credentials", "key_not_in_pool", "keys_benched", "disabled", "circuit_open"):
+        if reason in reasons:
+            return reason
+    return "other"
+
+
+def _check_provider(cfg: RouterConfig, alias: str, provider: str) -> None:
+    if provider not in cfg.providers:
+        raise UnknownProviderError(
+            provider, alias, f"provider {provider!r} is not configured (providers: {', '.join(cfg.providers)})"
+        )
+    on = sorted({t.provider for t in cfg.targets(alias)})
+    if provider not in on:
+        raise UnknownProviderError(
+            provider, alias, f"alias {alias!r} has no target on provider {provider!r} (its targets use: {', '.join(on)})"
+        )
+
+
+def _check_key(cfg: RouterConfig, alias: str, key: str) -> None:
+    names = sorted({k.name for t in cfg.targets(alias) for k in t.keys if k.named})
+    if key not in names:
+        raise UnknownProviderError(
+            "", alias, f"no provider of alias {alias!r} has a key named {key!r} (named keys: {', '.join(names) or 'none'})"
+        )
+
+
+def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: threading.Event) -> None:
+    """Poll `path`; reload the router when the file's content changes. Ends with the router or `stop`."""
+    last = _stat(path)
+    while not stop.wait(poll_s):
+        now = _stat(path)
+        if now == last:
+            continue
+        last = now
+        r = ref()
+        if r is None:
+            return
+        try:
+            changed = hashlib.sha256(path.read_bytes()).hexdigest() != r.config.sha256
+        except OSError:  # mid-replace, or removed: the next poll looks again
+            changed = False
+        if changed:
+            r.reload()
+        del r
+
+
+def _stat(path: Path) -> tuple[int, int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)

@@ -276,8 +276,9 @@ class PricingConfig(_Model):
         per_1k = (self.input_per_1k, self.output_per_1k)
         if any(v is not None for v in per_1m) and any(v is not None for v in per_1k):
             raise ValueError("give prices per 1M or per 1K tokens, not both")
-        if all(v is None for v in per_1m + per_1k):
-            raise ValueError("give input_per_1m and output_per_1m (or input_per_1k and output_per_1k)")
+        given = per_1m if any(v is not None for v in per_1m) else per_1k
+        if any(v is None for v in given):
+            raise ValueError("give input_per_1m and output_per_1m (or input_per_1k and output_per_1k), both")
         return self
 
     @property
@@ -317,11 +318,17 @@ class RouterConfig(_Model):
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
+    _sha256: str = PrivateAttr("")
 
     @property
     def source(self) -> str:
         """The file this config was read from."""
         return self._source
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the config text, as `sha256sum FILE` prints it."""
+        return self._sha256
 
     def tiers(self, alias: str) -> tuple[tuple[Target, ...], ...]:
         """The alias's tiers in fallback order (a plain target is a tier of one), resolved against providers."""
@@ -362,8 +369,8 @@ class Target:
 
     @property
     def key_env_vars(self) -> tuple[str, ...]:
-        """The env vars of the keys that resolved to nothing: what to set."""
-        return tuple(v for k in self.keys if not k.usable for v in k.env_vars)
+        """The env vars the target's keys are read from."""
+        return tuple(v for k in self.keys for v in k.env_vars)
 
 
 # OpenRouter names models "<vendor>/<model>"; users of the direct APIs write the bare model name.
@@ -453,12 +460,12 @@ class _Source:
 
     def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
-            seen: set[Any] = set()
+            seen: dict[Any, int] = {}
             for k, v in node.value:
                 key = k.value
                 if key in seen:
-                    self.problem(path + (key,), f"duplicate key (line {k.start_mark.line + 1})", k.start_mark.line + 1)
-                seen.add(key)
+                    self.problem(path + (key,), f"duplicate key (first defined on line {seen[key]})", k.start_mark.line + 1)
+                seen.setdefault(key, k.start_mark.line + 1)
                 self.lines[path + (key,)] = k.start_mark.line + 1
                 self._walk(v, path + (key,))
         elif isinstance(node, yaml.SequenceNode):
@@ -502,6 +509,8 @@ def _interpolate_tree(
         index = _key_index(loc)
         if index is not None:
             key_env.setdefault(loc[1], {})[index] = tuple(used)
+            if unset:  # "prefix-${UNSET}" is no key at all: the target is skipped, naming the variable
+                return ""
         elif unset:
             names = ", ".join(unset)
             src.problem(loc, f"environment variable {names} is not set; set it or give a default: ${{{unset[0]}:-...}}")
@@ -584,6 +593,7 @@ def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | Non
     if src.problems:
         raise ConfigError(src.problems)
     cfg._source = file
+    cfg._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
     return cfg
 
 
@@ -650,14 +660,19 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError([ConfigProblem(str(p), None, "", "config file not found")]) from None
     except IsADirectoryError:
         raise ConfigError([ConfigProblem(str(p), None, "", "is a directory, not a config file")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigProblem(str(p), None, "", f"cannot read: {exc.__class__.__name__}")]) from None
-    return parse_config(text, str(p), env)
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigProblem(str(p), None, "", "is not UTF-8 text")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(str(p), None, "", f"cannot read: {exc.strerror or exc.__class__.__name__}")]) from None
+    cfg = parse_config(text, str(p), env)
+    cfg._sha256 = hashlib.sha256(raw).hexdigest()  # the file's bytes, as sha256sum prints it
+    return cfg
 
 
 def config_schema() -> dict[str, Any]:

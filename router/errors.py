@@ -125,10 +125,12 @@ class ProviderError(RouterError):
 class AllTargetsFailedError(RouterError):
     """Every target was tried (with retries) and none answered; `.attempts` lists every attempt made."""
 
-    def __init__(self, alias: str, attempts: Sequence[Attempt], reason: str = "every target failed") -> None:
+    def __init__(
+        self, alias: str, attempts: Sequence[Attempt], reason: str = "every target failed", outcome: str | None = None
+    ) -> None:
         self.alias = alias
         self.attempts = list(attempts)
-        self.outcome = self.attempts[-1].outcome if self.attempts else "other"
+        self.outcome = outcome or (self.attempts[-1].outcome if self.attempts else "other")
         lines = "; ".join(f"{a.provider}/{a.model}: {a.outcome}" for a in self.attempts)
         super().__init__(f"alias {alias!r}: {reason} after {len(self.attempts)} attempt(s) [{lines}]")
 
@@ -138,9 +140,7 @@ class DeadlineExceededError(AllTargetsFailedError):
 
     def __init__(self, alias: str, attempts: Sequence[Attempt], deadline_s: float) -> None:
         self.deadline_s = deadline_s
-        super().__init__(alias, attempts, reason=f"deadline of {deadline_s:g}s exceeded")
-        if not self.attempts:
-            self.outcome = "timeout"
+        super().__init__(alias, attempts, reason=f"deadline of {deadline_s:g}s exceeded", outcome=None if attempts else "timeout")
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:
@@ -152,14 +152,39 @@ def redact(text: str, secrets: Sequence[str]) -> str:
 
 
 def scrub(exc: BaseException, secrets: Sequence[str]) -> BaseException:
-    """Redact secrets from an exception's message and args in place (a provider may echo a key back)."""
+    """Redact secrets, in place, from an exception and every exception it was raised from or during.
+
+    A provider may echo a key back in its error body; litellm and the openai SDK then carry that text in a
+    chain of exceptions that a traceback prints whole.
+    """
     if not secrets:
         return exc
-    try:
-        exc.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in exc.args)
-        msg = getattr(exc, "message", None)
-        if isinstance(msg, str):
-            exc.message = redact(msg, secrets)  # type: ignore[attr-defined]
-    except (AttributeError, TypeError):  # an exception type with read-only attributes: leave it be
-        pass
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        try:
+            e.args = tuple(redact(a, secrets) if isinstance(a, str) else a for a in e.args)
+            for attr in ("message", "body"):
+                value = getattr(e, attr, None)
+                if isinstance(value, str):
+                    setattr(e, attr, redact(value, secrets))
+                elif isinstance(value, dict):
+                    setattr(e, attr, _redact_tree(value, secrets))
+        except (AttributeError, TypeError):  # an exception type with read-only attributes: leave it be
+            pass
+        todo += [e.__cause__, e.__context__, getattr(e, "original_exception", None)]
     return exc
+
+
+def _redact_tree(value: object, secrets: Sequence[str]) -> object:
+    if isinstance(value, str):
+        return redact(value, secrets)
+    if isinstance(value, dict):
+        return {k: _redact_tree(v, secrets) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_tree(v, secrets) for v in value]
+    return value

@@ -5,6 +5,7 @@ Labels stay low-cardinality: alias, provider, model, outcome, reason. Never prom
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from collections.abc import Sequence
@@ -12,6 +13,8 @@ from collections.abc import Sequence
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from .config import DEFAULT_BUCKETS
+
+log = logging.getLogger("router")
 
 
 class RouterMetrics:
@@ -26,7 +29,7 @@ class RouterMetrics:
         self.registry = registry
         self.namespace = namespace
         kw = {"namespace": namespace, "registry": registry}
-        b = tuple(buckets)
+        b = self.buckets = tuple(buckets)
         self.requests = Counter("requests_total", "generate() calls by final outcome.", ["alias", "outcome"], **kw)
         self.request_duration = Histogram(
             "request_duration_seconds", "Wall time of generate() calls, retries included.", ["alias", "outcome"],
@@ -91,6 +94,8 @@ class RouterMetrics:
             per_ns = cls._shared.setdefault(registry, {})
             if namespace not in per_ns:
                 per_ns[namespace] = cls(registry, namespace, buckets)
+            elif per_ns[namespace].buckets != tuple(buckets):
+                log.warning("metrics %r already exist on this registry with other buckets; keeping those", namespace)
             return per_ns[namespace]
 
     # -- recording ----------------------------------------------------------------------------------------
@@ -139,11 +144,16 @@ class RouterMetrics:
         if transition:
             self.circuit_transitions.labels(provider, model, state).inc()
 
-    def reloaded(self, ok: bool, sha256: str | None = None, previous: str | None = None, when: float = 0.0) -> None:
-        """A config (re)load succeeded (with the new file's sha256) or was rejected."""
+    def reload_result(self, ok: bool) -> None:
+        """A config reload was applied or rejected."""
         self.config_reloads.labels("success" if ok else "error").inc()
-        if ok and sha256:
-            if previous and previous != sha256:
+
+    def config_in_force(self, sha256: str, previous: str | None, when: float) -> None:
+        """The config with this sha256 is now in force (replacing `previous`)."""
+        if previous is not None and previous != sha256:
+            try:
                 self.config_info.remove(previous)
-            self.config_info.labels(sha256).set(1)
-            self.config_last_reload.set(when)
+            except KeyError:  # another Router on this registry already removed it
+                pass
+        self.config_info.labels(sha256).set(1)
+        self.config_last_reload.set(when)
