@@ -349,7 +349,7 @@ def test_unset_var_in_api_key_is_allowed_and_target_lacks_credentials() -> None:
 def test_provider_without_api_key_has_credentials() -> None:
     cfg = parse("version: 1\nproviders: {local: {kind: ollama}}\naliases: {chat: {targets: [local/llama3]}}\n")
     (target,) = cfg.targets("chat")
-    assert target.api_key is None
+    assert target.keys == ()
     assert target.has_credentials
     assert target.key_env_vars == ()
 
@@ -376,7 +376,7 @@ def test_parse_config_does_not_read_the_process_environment_when_env_is_given(
 def test_target_string_must_be_provider_slash_model(target: str) -> None:
     text = BASE.replace("openrouter/gpt-4o-mini", target)
     (got,) = problems(text, {})
-    assert got.startswith(f"test.yaml:{line_of(text, 'targets:')}: aliases.chat.targets: ")
+    assert got.startswith(f"test.yaml:{line_of(text, 'targets:')}: aliases.chat.targets[1]: ")
     assert repr(target) in got
     assert "<provider>/<model>" in got
 
@@ -466,8 +466,8 @@ def test_fallback_on_must_name_known_outcomes() -> None:
 def test_api_key_never_appears_in_reprs_or_dumps() -> None:
     cfg = parse(BASE, {"OPENAI_KEY": SECRET, "OR_KEY": SECRET})
     target = cfg.targets("chat")[0]
-    assert target.api_key is not None
-    assert target.api_key.get_secret_value() == SECRET  # the key is there, only hidden
+    assert target.keys
+    assert target.keys[0].secret.get_secret_value() == SECRET  # the key is there, only hidden
     outputs = {
         "repr(cfg)": repr(cfg),
         "str(cfg)": str(cfg),

@@ -8,6 +8,7 @@ endpoint) rather than peeking at the metric objects.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import threading
 import time
@@ -51,7 +52,19 @@ METRICS = {
     "fallbacks": "counter",
     "skipped": "counter",
     "in_flight": "gauge",
+    "key_requests": "counter",
+    "circuit_state": "gauge",
+    "circuit_transitions": "counter",
+    "config_reloads": "counter",
+    "config_info": "gauge",
+    "config_last_reload_timestamp_seconds": "gauge",
 }
+KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
+
+
+def key_label(secret: str) -> str:
+    """The label an unnamed key gets: a short hash, never the key."""
+    return "key-" + hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 # -- the sequence config ----------------------------------------------------------------------------------
 
@@ -310,7 +323,7 @@ class Exposition:
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for s in self.samples
-            if not s.name.endswith(("_bucket", "_sum"))
+            if not s.name.endswith(("_bucket", "_sum", "_timestamp_seconds"))
         }
 
 
@@ -362,6 +375,17 @@ def assert_sequence(x: Exposition, script: Sequence[Call] = SCRIPT, ns: str = "l
     ) == as_float(e.fallbacks)
     assert x.series(f"{ns}_skipped_total", ["alias", "provider", "model", "reason"]) == as_float(e.skipped)
     assert x.series(f"{ns}_in_flight", ["alias"]) == e.in_flight
+
+    per_provider: Counter[str] = Counter()
+    for (_, provider, _, _), n in e.attempts.items():
+        per_provider[provider] += n
+    expected_keys = {(p, key_label(KEY_OF[p])): float(n) for p, n in per_provider.items()}
+    assert x.series(f"{ns}_key_requests_total", ["provider", "key"]) == expected_keys
+    # No breaker changed state in this sequence, no reload happened, and one config is in force.
+    assert x.series(f"{ns}_circuit_state", ["provider", "model"]) == {}
+    assert x.series(f"{ns}_circuit_transitions_total", ["provider", "model", "to"]) == {}
+    assert x.series(f"{ns}_config_reloads_total", ["result"]) == {}
+    assert list(x.series(f"{ns}_config_info", ["sha256"]).values()) == [1.0]
 
     # Nothing but the metrics above, with nothing but their histogram series.
     known = {f"{ns}_{n}{suffix}" for n in METRICS for suffix in ("", "_total", "_count", "_sum", "_bucket")}
