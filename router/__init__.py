@@ -6,7 +6,7 @@
 """
 
 from .api import agenerate, default_router, generate, set_default_router, start_metrics_server
-from .client import Router
+from .client import AsyncStream, Router, Stream
 from .config import RouterConfig, Target, config_schema, load_config, parse_config
 from .errors import (
     AllTargetsFailedError,
@@ -15,6 +15,7 @@ from .errors import (
     MissingCredentialsError,
     ProviderError,
     RouterError,
+    StreamInterruptedError,
     UnknownModelError,
     UnknownProviderError,
 )
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllTargetsFailedError",
+    "AsyncStream",
     "Attempt",
     "ConfigError",
     "DeadlineExceededError",
@@ -36,6 +38,8 @@ __all__ = [
     "RouterError",
     "RouterMetrics",
     "Skip",
+    "Stream",
+    "StreamInterruptedError",
     "Target",
     "UnknownModelError",
     "UnknownProviderError",

@@ -214,3 +214,86 @@ def price_map_cost(target: Target, usage: Usage) -> float | None:
     except Exception:  # litellm raises a bare Exception for a model it has no price for
         return None
     return float(prompt + completion)
+
+
+# -- streaming ------------------------------------------------------------------------------------------------
+
+
+class EmptyStream(InvalidResponse):
+    """A stream that ended before any text: as unusable as an empty answer, so it is retried or fallen back from."""
+
+
+class StreamState:
+    """What a stream has delivered so far: text, finish reason, usage. Fed one chunk at a time (sync or async)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.parts: list[str] = []
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self.provider_cost: float | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return "".join(self.parts)
+
+    def feed(self, chunk: Any) -> str:
+        """Take one chunk; return its text delta ("" for none)."""
+        usage = getattr(chunk, "usage", None)
+        if usage is not None and (getattr(usage, "prompt_tokens", 0) or getattr(usage, "completion_tokens", 0)):
+            self.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
+        hidden = getattr(chunk, "_hidden_params", None) or {}
+        cost = (hidden.get("additional_headers") or {}).get(_PROVIDER_COST_KEY)
+        if cost is not None:
+            self.provider_cost = float(cost)
+        choices = getattr(chunk, "choices", None) or ()
+        if not choices:
+            return ""
+        choice = choices[0]
+        if getattr(choice, "finish_reason", None):
+            self.finish_reason = choice.finish_reason
+        delta = getattr(choice, "delta", None)
+        text = getattr(delta, "content", None) or ""
+        if text:
+            self.parts.append(text)
+        return text
+
+
+def open_stream(kwargs: dict[str, Any]) -> StreamState:
+    """Start a streamed request and read up to its first text, so a failure before it can still fall back."""
+    state = StreamState(litellm().completion(**kwargs))
+    for chunk in state.stream:
+        if state.feed(chunk):
+            return state
+    raise EmptyStream("the stream ended before any text")
+
+
+async def aopen_stream(kwargs: dict[str, Any]) -> StreamState:
+    """Async twin of `open_stream`."""
+    state = StreamState(await litellm().acompletion(**kwargs))
+    async for chunk in state.stream:
+        if state.feed(chunk):
+            return state
+    raise EmptyStream("the stream ended before any text")
+
+
+def count_tokens(target: Target, messages: list[dict[str, Any]], text: str) -> Usage:
+    """Input and output tokens by litellm's counter, for a stream whose provider reported none."""
+    lm = litellm()
+    try:
+        prompt = int(lm.token_counter(model=target.litellm_model, messages=messages))
+        completion = int(lm.token_counter(model=target.litellm_model, text=text)) if text else 0
+    except Exception:  # an unknown tokenizer: a rough count beats none
+        prompt = sum(len(str(m.get("content", ""))) for m in messages) // 4
+        completion = len(text) // 4
+    return Usage(prompt, completion, estimated=True)
+
+
+def supports_schema(target: Target) -> bool:
+    """Whether litellm knows the target's model to take a JSON Schema in response_format."""
+    try:
+        return bool(litellm().supports_response_schema(model=target.model, custom_llm_provider=target.kind))
+    except Exception:  # a model litellm does not know
+        return False

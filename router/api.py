@@ -10,7 +10,6 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .client import Router
-from .types import Result
 
 DEFAULT_CONFIG = "config/router.yaml"
 
@@ -43,11 +42,15 @@ def generate(
     system: str | None = None,
     provider: str | None = None,
     timeout: float | None = None,
+    key: str | None = None,
+    stream: bool = False,
+    response_format: Any = None,
     **params: Any,
-) -> Result:
-    """`Router.generate` on the default Router (see `default_router`)."""
+) -> Any:
+    """`Router.generate` on the default Router (see `default_router`): a `Result`, or a `Stream`."""
     return default_router().generate(
-        prompt, messages=messages, model=model, system=system, provider=provider, timeout=timeout, **params
+        prompt, messages=messages, model=model, system=system, provider=provider, timeout=timeout, key=key,
+        stream=stream, response_format=response_format, **params,
     )
 
 
@@ -59,11 +62,15 @@ async def agenerate(
     system: str | None = None,
     provider: str | None = None,
     timeout: float | None = None,
+    key: str | None = None,
+    stream: bool = False,
+    response_format: Any = None,
     **params: Any,
-) -> Result:
-    """`Router.agenerate` on the default Router (see `default_router`)."""
+) -> Any:
+    """`Router.agenerate` on the default Router (see `default_router`): a `Result`, or an `AsyncStream`."""
     return await default_router().agenerate(
-        prompt, messages=messages, model=model, system=system, provider=provider, timeout=timeout, **params
+        prompt, messages=messages, model=model, system=system, provider=provider, timeout=timeout, key=key,
+        stream=stream, response_format=response_format, **params,
     )
 
 

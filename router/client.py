@@ -35,13 +35,16 @@ from .errors import (
     DeadlineExceededError,
     MissingCredentialsError,
     ProviderError,
+    StreamInterruptedError,
     UnknownModelError,
     UnknownProviderError,
     redact,
     scrub,
 )
 from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
+from . import structured
 from .metrics import RouterMetrics
+from .structured import Format, make_format
 from .policy import (
     TRANSIENT,
     Step,
@@ -53,13 +56,13 @@ from .policy import (
     plan_targets,
     price,
 )
-from .types import Attempt, Result, Skip
+from .types import Attempt, CostSource, Result, Skip, Usage
 
 log = logging.getLogger("router")
 
 # Params the router sets itself; passing them to generate() would bypass routing or leak around it.
 _RESERVED = frozenset(
-    {"model", "messages", "api_key", "api_base", "base_url", "extra_headers", "max_retries", "num_retries", "stream"}
+    {"model", "messages", "api_key", "api_base", "base_url", "extra_headers", "max_retries", "num_retries", "stream_options"}
 )
 # Failures that say a target is unhealthy (as opposed to a bad request): they count towards its breaker.
 _COUNTS_AGAINST_TARGET = TRANSIENT | {"auth", "payment_required"}
@@ -70,9 +73,17 @@ DISABLED_ENV = "LLM_ROUTER_DISABLED_PROVIDERS"
 
 @dataclass(frozen=True)
 class _Send:
-    """The loop asks for one request with these litellm kwargs."""
+    """The loop asks for one request with these litellm kwargs (streamed: open it and read to the first text)."""
 
     kwargs: dict[str, Any]
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """The loop hands an opened stream to the caller; it is sent the same state back when the stream ends."""
+
+    state: _litellm.StreamState
 
 
 @dataclass(frozen=True)
@@ -116,9 +127,12 @@ class _Plan:
     skipped: tuple[Skip, ...]
     deadline_s: float
     pinned_key: str | None
+    stream: bool = False
+    fmt: Format | None = None
 
 
-_Loop = Generator[_Send | _Sleep, Any, Result]
+_Step = _Send | _Sleep | _Stream
+_Loop = Generator[_Step, Any, Result]
 
 
 class Router:
@@ -249,34 +263,45 @@ class Router:
         provider: str | None = None,
         timeout: float | None = None,
         key: str | None = None,
+        stream: bool = False,
+        response_format: Any = None,
         **params: Any,
-    ) -> Result:
+    ) -> Any:
         """Answer `prompt` (or `messages`) with the alias `model`, falling back over its targets in order.
 
-        `system` is prepended unless the messages start with a system message. `provider` restricts the call
-        to that provider's targets; `key` pins a named key of the providers' key pools. `timeout` bounds the
-        whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm params (temperature,
-        max_tokens, ...) and override the target's and the alias's. Raises a `RouterError` subclass when no
-        target answers.
+        Returns a `Result`; with `stream=True`, a `Stream` of text deltas whose `.result` is set when it ends
+        (a failure before the first text falls back like any other; one after it raises
+        `StreamInterruptedError`). `response_format` (a pydantic model class or a JSON Schema dict) asks for
+        JSON and puts the validated value in `Result.parsed`; a reply that does not validate is retried, then
+        fallen back from. `system` is prepended unless the messages start with a system message. `provider`
+        restricts the call to that provider's targets; `key` pins a named key of the providers' key pools.
+        `timeout` bounds the whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm
+        params (temperature, max_tokens, ...) and override the target's and the alias's. Raises a
+        `RouterError` subclass when no target answers.
         """
-        loop = self._attempts(self._prepare(prompt, messages, model, system, provider, timeout, key, params))
+        plan = self._prepare(prompt, messages, model, system, provider, timeout, key, stream, response_format, params)
+        loop = self._attempts(plan)
+        handed_over = False
         try:
             step = next(loop)
             while True:
+                if isinstance(step, _Stream):
+                    handed_over = True
+                    return Stream(loop, step.state)
                 if isinstance(step, _Sleep):
                     self._sleep(step.seconds)
                     reply: Any = None
                 else:
                     try:
-                        reply = _litellm.complete(step.kwargs)
+                        reply = _litellm.open_stream(step.kwargs) if step.stream else _litellm.complete(step.kwargs)
                     except Exception as exc:
                         reply = exc
                 step = loop.send(reply)
         except StopIteration as done:
-            result: Result = done.value
-            return result
+            return done.value
         finally:
-            loop.close()
+            if not handed_over:
+                loop.close()
 
     async def agenerate(
         self,
@@ -288,27 +313,37 @@ class Router:
         provider: str | None = None,
         timeout: float | None = None,
         key: str | None = None,
+        stream: bool = False,
+        response_format: Any = None,
         **params: Any,
-    ) -> Result:
-        """Async twin of `generate()`, for event loops."""
-        loop = self._attempts(self._prepare(prompt, messages, model, system, provider, timeout, key, params))
+    ) -> Any:
+        """Async twin of `generate()`, for event loops; with `stream=True` it returns an `AsyncStream`."""
+        plan = self._prepare(prompt, messages, model, system, provider, timeout, key, stream, response_format, params)
+        loop = self._attempts(plan)
+        handed_over = False
         try:
             step = next(loop)
             while True:
+                if isinstance(step, _Stream):
+                    handed_over = True
+                    return AsyncStream(loop, step.state)
                 if isinstance(step, _Sleep):
                     await self._asleep(step.seconds)
                     reply: Any = None
                 else:
                     try:
-                        reply = await _litellm.acomplete(step.kwargs)
+                        if step.stream:
+                            reply = await _litellm.aopen_stream(step.kwargs)
+                        else:
+                            reply = await _litellm.acomplete(step.kwargs)
                     except Exception as exc:
                         reply = exc
                 step = loop.send(reply)
         except StopIteration as done:
-            result: Result = done.value
-            return result
+            return done.value
         finally:
-            loop.close()
+            if not handed_over:
+                loop.close()
 
     def explain(self, alias: str | None = None) -> str:
         """The plan a call would follow right now: tiers and weights, what is skipped and why, prices."""
@@ -328,6 +363,8 @@ class Router:
         provider: str | None,
         timeout: float | None,
         key: str | None,
+        stream: bool,
+        response_format: Any,
         params: dict[str, Any],
     ) -> _Plan:
         _litellm.litellm()  # the first call imports it: not inside any attempt's clock or the deadline
@@ -352,13 +389,18 @@ class Router:
         ordered = order_tiers(cfg.tiers(alias_name), self._rng.random)
         usable, skipped = plan_targets(ordered, provider, snap.disabled, key)
         msgs = build_messages(prompt, messages, system if system is not None else alias.system)
+        fmt = make_format(response_format)
+        if fmt is not None and stream:
+            raise TypeError("generate() takes stream=True or response_format=, not both")
         return _Plan(
             snap=snap,
             alias=alias_name,
-            targets=tuple((t, _litellm.request_kwargs(t, msgs, merge_params(alias, t, params), t.timeout_s)) for t in usable),
+            targets=tuple((t, _request(t, msgs, merge_params(alias, t, params), stream, fmt)) for t in usable),
             skipped=tuple(skipped),
             deadline_s=timeout if timeout is not None else cfg.defaults.deadline_s,
             pinned_key=key,
+            stream=stream,
+            fmt=fmt,
         )
 
     def _attempts(self, plan: _Plan) -> _Loop:
@@ -411,7 +453,7 @@ class Router:
                 final = reason
                 raise MissingCredentialsError(alias, skipped)
             raise AllTargetsFailedError(alias, [], reason=f"no target is usable ({reason})", outcome=reason)
-        except (ProviderError, AllTargetsFailedError) as exc:
+        except (ProviderError, AllTargetsFailedError, StreamInterruptedError) as exc:
             final = exc.outcome
             raise
         finally:
@@ -427,7 +469,7 @@ class Router:
         probe: bool,
         attempts: list[Attempt],
         has_next: bool,
-    ) -> Generator[_Send | _Sleep, Any, Result | tuple[_litellm.Failure, BaseException]]:
+    ) -> Generator[_Step, Any, Result | tuple[_litellm.Failure, BaseException]]:
         """Attempts on one target, with retries and key rotation: a Result, or the failure to fall back from."""
         m, alias, clock = self.metrics, plan.alias, self._clock
         defaults = plan.snap.config.defaults
@@ -440,41 +482,40 @@ class Router:
             if remaining <= 0:
                 raise DeadlineExceededError(alias, attempts, plan.deadline_s)
             tries += 1
-            send = {**kwargs, "timeout": min(target.timeout_s, remaining)}
+            limit = min(target.timeout_s, remaining)
+            if plan.stream and target.first_token_timeout_s:
+                limit = min(limit, target.first_token_timeout_s)
+            send = {**kwargs, "timeout": limit}
             if key is not None:
                 send["api_key"] = key.secret.get_secret_value()
                 keys_tried.add(key.name)
                 m.key_used(target.provider, key.name)
             t0 = clock()
             try:
-                reply = yield _Send(send)
+                reply = yield _Send(send, plan.stream)
             except GeneratorExit:  # the caller went away mid-request: the attempt still counts
                 m.attempt(alias, target.provider, target.model, "cancelled", clock() - t0)
                 raise
+            if isinstance(reply, _litellm.StreamState):
+                return (yield from self._streamed(plan, start, target, send, reply, t0, probe, attempts))
             took = clock() - t0
-            answer = None
+            answer, parsed = None, None
             if not isinstance(reply, BaseException):
                 try:
                     answer = _litellm.read_response(reply)
+                    if plan.fmt is not None:
+                        parsed = structured.parse(answer.text, plan.fmt)
                 except _litellm.InvalidResponse as exc:
-                    reply = exc
+                    answer, reply = None, exc
             if answer is not None:
                 m.attempt(alias, target.provider, target.model, "success", took)
                 attempts.append(Attempt(target.provider, target.model, "success", took))
                 self._record_health(target, False, probe)
-                cost, source = price(
-                    answer.usage, target, answer.provider_cost,
-                    _litellm.price_map_cost(target, answer.usage)
-                    if target.pricing is None and answer.provider_cost is None else None,
-                )
-                m.answered(
-                    alias, target.provider, target.model, answer.usage.input_tokens,
-                    answer.usage.output_tokens, cost, source != "unknown",
-                )
+                cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
                 return Result(
                     text=answer.text, alias=alias, provider=target.provider, model=target.model,
                     usage=answer.usage, cost_usd=cost, cost_source=source, latency_s=clock() - start,
-                    attempts=tuple(attempts), finish_reason=answer.finish_reason, raw=reply,
+                    attempts=tuple(attempts), finish_reason=answer.finish_reason, parsed=parsed, raw=reply,
                 )
             scrub(reply, plan.snap.secrets)
             failure = _litellm.classify_error(reply)
@@ -513,6 +554,62 @@ class Router:
                 raise AllTargetsFailedError(alias, attempts) from reply
             raise ProviderError(alias, attempts) from reply
 
+    def _streamed(
+        self,
+        plan: _Plan,
+        start: float,
+        target: Target,
+        send: dict[str, Any],
+        state: _litellm.StreamState,
+        t0: float,
+        probe: bool,
+        attempts: list[Attempt],
+    ) -> Generator[_Step, Any, Result]:
+        """A stream past its first text: hand it to the caller, then account for it when it ends or breaks."""
+        m, alias, clock = self.metrics, plan.alias, self._clock
+        p, model = target.provider, target.model
+        m.first_token(alias, p, model, clock() - t0)
+        try:
+            yield _Stream(state)  # the caller reads the stream; we are resumed when it ends or breaks
+        except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
+            m.attempt(alias, p, model, "cancelled", clock() - t0)
+            self._bill(alias, target, state.usage or _litellm.count_tokens(target, send["messages"], state.text), None)
+            raise
+        took = clock() - t0
+        usage = state.usage or _litellm.count_tokens(target, send["messages"], state.text)
+        cost, source = self._bill(alias, target, usage, state.provider_cost)
+        if state.error is None and state.finish_reason is not None:
+            m.attempt(alias, p, model, "success", took)
+            attempts.append(Attempt(p, model, "success", took))
+            self._record_health(target, False, probe)
+            return Result(
+                text=state.text, alias=alias, provider=p, model=model, usage=usage, cost_usd=cost,
+                cost_source=source, latency_s=clock() - start, attempts=tuple(attempts),
+                finish_reason=state.finish_reason, raw=None,
+            )
+        if state.error is not None:
+            scrub(state.error, plan.snap.secrets)
+            error = redact(_litellm.classify_error(state.error).message, plan.snap.secrets)
+        else:
+            error = "the stream ended without a finish reason"
+        m.attempt(alias, p, model, "stream_interrupted", took)
+        m.interrupted(alias, p, model)
+        attempts.append(Attempt(p, model, "stream_interrupted", took, error))
+        self._record_health(target, True, probe)
+        log.warning("%s: stream from %s broke off after %d characters: %s", alias, target.key, len(state.text), error)
+        raise StreamInterruptedError(alias, attempts, state.text, usage, cost) from state.error
+
+    def _bill(self, alias: str, target: Target, usage: Usage, provider_cost: float | None) -> tuple[float, CostSource]:
+        """Price a usage (config, provider-reported, litellm's map, unknown) and count its tokens and cost."""
+        map_cost = (
+            _litellm.price_map_cost(target, usage) if target.pricing is None and provider_cost is None else None
+        )
+        cost, source = price(usage, target, provider_cost, map_cost)
+        self.metrics.answered(
+            alias, target.provider, target.model, usage.input_tokens, usage.output_tokens, cost, source != "unknown"
+        )
+        return cost, source
+
     def _pick_key(self, target: Target, pinned: str | None, tried: set[str]) -> ApiKey | None:
         if not target.keys:
             return None
@@ -539,6 +636,20 @@ class Router:
             self._warned_skips.add((s.provider, s.reason))
             need = " or ".join(s.env_vars) or "api_key"
             log.warning("provider %r skipped: %s is not set", s.provider, need)
+
+
+def _request(
+    target: Target, messages: list[dict[str, Any]], params: dict[str, Any], stream: bool, fmt: Format | None
+) -> dict[str, Any]:
+    """A target's litellm kwargs, less timeout and key: streaming options, structured-output request."""
+    if stream:
+        params = {**params, "stream": True, "stream_options": {"include_usage": True}}
+    if fmt is not None:
+        if _litellm.supports_schema(target):
+            params = {**params, **structured.request_params(fmt, True)}
+        else:
+            messages = structured.with_instruction(messages, fmt)
+    return _litellm.request_kwargs(target, messages, params, target.timeout_s)
 
 
 def _health_signal(outcome: str) -> bool | None:
@@ -600,3 +711,119 @@ def _stat(path: Path) -> tuple[int, int, int]:
     except OSError:
         return (0, 0, 0)
     return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class Stream:
+    """The text deltas of a streamed answer, as they come. When it ends, `.result` holds the `Result`.
+
+    Use it as an iterator (and, to stop early, `close()` it or use it in a `with` block); a stream that breaks
+    after text has been yielded raises `StreamInterruptedError`, carrying the text so far.
+    """
+
+    def __init__(self, loop: _Loop, state: _litellm.StreamState) -> None:
+        self._loop = loop
+        self._state = state
+        self._pending = list(state.parts)  # the text read while deciding this target would do
+        self._done = False
+        self.result: Result | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return self._state.text
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> str:
+        if self._pending:
+            return self._pending.pop(0)
+        while not self._done:
+            try:
+                chunk = next(self._state.stream)
+            except StopIteration:
+                self._finish(None)
+                break
+            except Exception as exc:
+                self._finish(exc)
+                break
+            text = self._state.feed(chunk)
+            if text:
+                return text
+        raise StopIteration
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._done = True
+        self._state.error = error
+        try:
+            self._loop.send(self._state)
+        except StopIteration as done:
+            self.result = done.value
+
+    def close(self) -> None:
+        """Stop reading; the attempt and the call are counted as cancelled."""
+        if not self._done:
+            self._done = True
+            self._loop.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncStream:
+    """Async twin of `Stream`: `async for delta in stream`, then `stream.result`."""
+
+    def __init__(self, loop: _Loop, state: _litellm.StreamState) -> None:
+        self._loop = loop
+        self._state = state
+        self._pending = list(state.parts)
+        self._done = False
+        self.result: Result | None = None
+
+    @property
+    def text(self) -> str:
+        """The text received so far."""
+        return self._state.text
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._pending:
+            return self._pending.pop(0)
+        while not self._done:
+            try:
+                chunk = await self._state.stream.__anext__()
+            except StopAsyncIteration:
+                self._finish(None)
+                break
+            except Exception as exc:
+                self._finish(exc)
+                break
+            text = self._state.feed(chunk)
+            if text:
+                return text
+        raise StopAsyncIteration
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._done = True
+        self._state.error = error
+        try:
+            self._loop.send(self._state)
+        except StopIteration as done:
+            self.result = done.value
+
+    async def aclose(self) -> None:
+        """Stop reading; the attempt and the call are counted as cancelled."""
+        if not self._done:
+            self._done = True
+            self._loop.close()
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -109,6 +109,9 @@ class DefaultsConfig(_Model):
     model: str | None = Field(None, description="Alias used when generate() is given none.")
     timeout_s: PositiveFloat = Field(30.0, description="Timeout of one attempt, in seconds.")
     deadline_s: PositiveFloat = Field(90.0, description="Bound on a whole generate() call, retries included.")
+    first_token_timeout_s: PositiveFloat | None = Field(
+        None, description="Streaming: abandon a target that sends no text in this time (and stalls as long later)."
+    )
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
     fallback_on: list[FailureOutcome] = Field(
@@ -210,6 +213,7 @@ class TargetConfig(_Model):
     model: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     weight: NonNegativeFloat = Field(1.0, description="Share of a tier's traffic (only in a tier).")
+    first_token_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.first_token_timeout_s.")
 
     @model_validator(mode="before")
     @classmethod
@@ -353,6 +357,7 @@ class Target:
     params: Mapping[str, Any]
     pricing: PricingConfig | None = None
     weight: float = 1.0
+    first_token_timeout_s: float | None = None
     enabled: bool = True
     circuit: CircuitConfig = CircuitConfig()
     key: str = field(init=False)
@@ -632,6 +637,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         params=dict(t.params),
                         pricing=cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}"),
                         weight=t.weight,
+                        first_token_timeout_s=t.first_token_timeout_s or d.first_token_timeout_s,
                         enabled=provider.enabled,
                         circuit=_circuit(d.circuit, provider.circuit),
                     )

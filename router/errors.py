@@ -9,6 +9,7 @@ The hierarchy::
     ├── MissingCredentialsError              every target was skipped for want of a key  .alias .env_vars .skipped
     ├── ProviderError                        a failure that is not fallen back from      .attempts .outcome .status_code
     │                                        (e.g. a 400); the litellm exception is its __cause__
+    ├── StreamInterruptedError               a stream broke after text was yielded       .text .usage .cost_usd .attempts
     └── AllTargetsFailedError                every target was tried and failed           .alias .attempts
         └── DeadlineExceededError            the call's deadline ran out first           .deadline_s
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .types import Attempt, Skip
+    from .types import Attempt, Skip, Usage
 
 
 class RouterError(Exception):
@@ -122,6 +123,24 @@ class ProviderError(RouterError):
         )
 
 
+class StreamInterruptedError(RouterError):
+    """A streamed answer broke off after text had been yielded, so it could not fall back; `.text` is what came."""
+
+    def __init__(self, alias: str, attempts: Sequence[Attempt], text: str, usage: Usage, cost_usd: float) -> None:
+        self.alias = alias
+        self.attempts = list(attempts)
+        self.text = text
+        self.usage = usage
+        self.cost_usd = cost_usd
+        self.outcome = "stream_interrupted"
+        last = self.attempts[-1]
+        self.provider, self.model = last.provider, last.model
+        super().__init__(
+            f"alias {alias!r}: the stream from {last.provider}/{last.model} broke off after {len(text)} characters "
+            f"({last.error}); .text holds what came"
+        )
+
+
 class AllTargetsFailedError(RouterError):
     """Every target was tried (with retries) and none answered; `.attempts` lists every attempt made."""
 
@@ -132,7 +151,9 @@ class AllTargetsFailedError(RouterError):
         self.attempts = list(attempts)
         self.outcome = outcome or (self.attempts[-1].outcome if self.attempts else "other")
         lines = "; ".join(f"{a.provider}/{a.model}: {a.outcome}" for a in self.attempts)
-        super().__init__(f"alias {alias!r}: {reason} after {len(self.attempts)} attempt(s) [{lines}]")
+        last = next((a.error for a in reversed(self.attempts) if a.error), None)
+        detail = f"; last error: {last}" if last else ""
+        super().__init__(f"alias {alias!r}: {reason} after {len(self.attempts)} attempt(s) [{lines}]{detail}")
 
 
 class DeadlineExceededError(AllTargetsFailedError):

@@ -57,6 +57,14 @@ class RouterMetrics:
         self.skipped = Counter(
             "skipped_total", "Targets passed over without a request.", ["alias", "provider", "model", "reason"], **kw
         )
+        self.ttft = Histogram(
+            "time_to_first_token_seconds", "Streaming: time from request to the first text.",
+            ["alias", "provider", "model"], buckets=b, **kw,
+        )
+        self.stream_interrupted = Counter(
+            "stream_interrupted_total", "Streams that broke off after text had been yielded.",
+            ["alias", "provider", "model"], **kw,
+        )
         self.key_requests = Counter(
             "key_requests_total", "Requests sent with each key (its name or a short hash, never the key).",
             ["provider", "key"], **kw,
@@ -125,6 +133,14 @@ class RouterMetrics:
         self.cost.labels(alias, provider, model).inc(cost_usd)
         if not cost_known:
             self.cost_unknown.labels(alias, provider, model).inc()
+
+    def first_token(self, alias: str, provider: str, model: str, seconds: float) -> None:
+        """A stream delivered its first text after `seconds`."""
+        self.ttft.labels(alias, provider, model).observe(seconds)
+
+    def interrupted(self, alias: str, provider: str, model: str) -> None:
+        """A stream broke off after text had been yielded."""
+        self.stream_interrupted.labels(alias, provider, model).inc()
 
     def fallback(self, alias: str, from_provider: str, to_provider: str, reason: str) -> None:
         """The call moved from one target to the next because of `reason` (a failure outcome)."""

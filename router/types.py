@@ -31,6 +31,7 @@ class Usage:
 
     input_tokens: int = 0
     output_tokens: int = 0
+    estimated: bool = False  # counted by litellm's tokenizer because the provider reported none
 
     @property
     def total_tokens(self) -> int:
@@ -75,6 +76,7 @@ class Result:
     attempts: tuple[Attempt, ...]
     skipped: tuple[Skip, ...] = ()
     finish_reason: str | None = None
+    parsed: Any = None  # with response_format=: the validated pydantic model (or dict for a JSON Schema)
     raw: Any = field(default=None, repr=False, compare=False)
 
     @property

@@ -53,6 +53,8 @@ METRICS = {
     "skipped": "counter",
     "in_flight": "gauge",
     "key_requests": "counter",
+    "time_to_first_token_seconds": "histogram",
+    "stream_interrupted": "counter",
     "circuit_state": "gauge",
     "circuit_transitions": "counter",
     "config_reloads": "counter",
@@ -385,6 +387,9 @@ def assert_sequence(x: Exposition, script: Sequence[Call] = SCRIPT, ns: str = "l
     assert x.series(f"{ns}_circuit_state", ["provider", "model"]) == {}
     assert x.series(f"{ns}_circuit_transitions_total", ["provider", "model", "to"]) == {}
     assert x.series(f"{ns}_config_reloads_total", ["result"]) == {}
+    # Nothing here streamed.
+    assert x.series(f"{ns}_stream_interrupted_total", ["alias", "provider", "model"]) == {}
+    assert x.series(f"{ns}_time_to_first_token_seconds_count", ["alias", "provider", "model"]) == {}
     assert list(x.series(f"{ns}_config_info", ["sha256"]).values()) == [1.0]
 
     # Nothing but the metrics above, with nothing but their histogram series.

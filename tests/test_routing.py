@@ -533,7 +533,7 @@ def test_messages_with_their_own_system_are_sent_as_given(make_router: MakeRoute
     assert up.history[0].messages == messages
 
 
-@pytest.mark.parametrize("name", ["api_key", "api_base", "base_url", "stream", "max_retries", "extra_headers"])
+@pytest.mark.parametrize("name", ["api_key", "api_base", "base_url", "stream_options", "max_retries", "extra_headers"])
 def test_reserved_params_are_refused(name: str, make_router: MakeRouter, up: Upstream) -> None:
     with pytest.raises(TypeError, match=name):
         make_router().generate("hello", **{name: "x"})
