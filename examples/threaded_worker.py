@@ -1,6 +1,6 @@
 """A worker service calling generate() from a thread pool, with /metrics for Prometheus. Runs offline.
 
-    .venv/bin/python examples/threaded_worker.py
+.venv/bin/python examples/threaded_worker.py
 """
 
 import os

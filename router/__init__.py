@@ -1,8 +1,8 @@
 """llm-router: a thin, config-driven router over litellm with fallback, retries, cost and Prometheus metrics.
 
-    import router
-    res = router.generate("Write a haiku about queues", model="fast")
-    print(res.text, res.provider, res.cost_usd)
+import router
+res = router.generate("Write a haiku about queues", model="fast")
+print(res.text, res.provider, res.cost_usd)
 """
 
 from .api import agenerate, default_router, generate, set_default_router, start_metrics_server

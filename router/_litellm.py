@@ -39,7 +39,9 @@ def litellm() -> ModuleType:
     return _litellm
 
 
-def request_kwargs(target: Target, messages: list[dict[str, Any]], params: dict[str, Any], timeout: float) -> dict[str, Any]:
+def request_kwargs(
+    target: Target, messages: list[dict[str, Any]], params: dict[str, Any], timeout: float
+) -> dict[str, Any]:
     """The keyword arguments of one litellm.completion call, less the key. max_retries=0: the router owns retries."""
     kw: dict[str, Any] = {
         **params,
@@ -160,7 +162,10 @@ def _looks_unparseable(message: str) -> bool:
 
 def _retry_after(exc: BaseException) -> float | None:
     # litellm keeps the provider's headers in litellm_response_headers; exc.response is often a stand-in.
-    for headers in (getattr(exc, "litellm_response_headers", None), getattr(getattr(exc, "response", None), "headers", None)):
+    for headers in (
+        getattr(exc, "litellm_response_headers", None),
+        getattr(getattr(exc, "response", None), "headers", None),
+    ):
         if headers:
             try:
                 value = headers.get("retry-after") or headers.get("Retry-After")
@@ -242,7 +247,7 @@ class StreamState:
     def feed(self, chunk: Any) -> str:
         """Take one chunk; return its text delta ("" for none)."""
         usage = getattr(chunk, "usage", None)
-        if usage is not None and (getattr(usage, "prompt_tokens", 0) or getattr(usage, "completion_tokens", 0)):
+        if usage is not None and (getattr(usage, "prompt_tokens", None) or getattr(usage, "completion_tokens", None)):
             self.usage = Usage(int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0))
         hidden = getattr(chunk, "_hidden_params", None) or {}
         cost = (hidden.get("additional_headers") or {}).get(_PROVIDER_COST_KEY)

@@ -49,8 +49,16 @@ def generate(
 ) -> Any:
     """`Router.generate` on the default Router (see `default_router`): a `Result`, or a `Stream`."""
     return default_router().generate(
-        prompt, messages=messages, model=model, system=system, provider=provider, timeout=timeout, key=key,
-        stream=stream, response_format=response_format, **params,
+        prompt,
+        messages=messages,
+        model=model,
+        system=system,
+        provider=provider,
+        timeout=timeout,
+        key=key,
+        stream=stream,
+        response_format=response_format,
+        **params,
     )
 
 
@@ -69,8 +77,16 @@ async def agenerate(
 ) -> Any:
     """`Router.agenerate` on the default Router (see `default_router`): a `Result`, or an `AsyncStream`."""
     return await default_router().agenerate(
-        prompt, messages=messages, model=model, system=system, provider=provider, timeout=timeout, key=key,
-        stream=stream, response_format=response_format, **params,
+        prompt,
+        messages=messages,
+        model=model,
+        system=system,
+        provider=provider,
+        timeout=timeout,
+        key=key,
+        stream=stream,
+        response_format=response_format,
+        **params,
     )
 
 

@@ -49,11 +49,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _credential_notes(cfg: RouterConfig) -> list[str]:
     notes = []
     for name, p in cfg.providers.items():
-        for k in p.keys():
+        for k in p.api_keys():
             if not k.usable:
                 need = " or ".join(k.env_vars) or "api_key"
-                notes.append(f"{need} is not set: provider {name!r} will be skipped" if len(p.keys()) == 1
-                             else f"{need} is not set: that key of provider {name!r} will be skipped")
+                notes.append(
+                    f"{need} is not set: provider {name!r} will be skipped"
+                    if len(p.api_keys()) == 1
+                    else f"{need} is not set: that key of provider {name!r} will be skipped"
+                )
     return notes
 
 
@@ -80,12 +83,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.temperature is not None:
         params["temperature"] = args.temperature
     r = Router.from_yaml(args.config)
-    res = r.generate(prompt, model=args.model, system=args.system, provider=args.provider, timeout=args.timeout, **params)
+    res = r.generate(
+        prompt, model=args.model, system=args.system, provider=args.provider, timeout=args.timeout, **params
+    )
     print(res.text)
     fallbacks = f", {res.fallbacks} fallback(s)" if res.fallbacks else ""
+    tokens = f"{res.usage.input_tokens} in / {res.usage.output_tokens} out tokens"
     _err(
-        f"[{res.alias} → {res.provider}/{res.model}] {res.usage.input_tokens} in / {res.usage.output_tokens} out tokens, "
-        f"${res.cost_usd:.6f} ({res.cost_source}), {res.latency_s * 1000:.0f} ms, {len(res.attempts)} attempt(s){fallbacks}"
+        f"[{res.alias} → {res.provider}/{res.model}] {tokens}, ${res.cost_usd:.6f} ({res.cost_source}), "
+        f"{res.latency_s * 1000:.0f} ms, {len(res.attempts)} attempt(s){fallbacks}"
     )
     return 0
 
@@ -129,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="one call: text on stdout, provider/tokens/cost/latency on stderr")
     g.add_argument("prompt", help="the prompt, or - to read it from stdin")
-    g.add_argument("-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)")
+    g.add_argument(
+        "-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)"
+    )
     g.add_argument("-m", "--model", help="alias (default: defaults.model)")
     g.add_argument("--provider", help="use only this provider's targets")
     g.add_argument("--system", help="system prompt")

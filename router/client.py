@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import _litellm
+from . import _litellm, structured
 from .config import ApiKey, RouterConfig, Target, load_config
 from .errors import (
     AllTargetsFailedError,
@@ -42,9 +42,7 @@ from .errors import (
     scrub,
 )
 from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
-from . import structured
 from .metrics import RouterMetrics
-from .structured import Format, make_format
 from .policy import (
     TRANSIENT,
     Step,
@@ -56,13 +54,24 @@ from .policy import (
     plan_targets,
     price,
 )
+from .structured import Format, make_format
 from .types import Attempt, CostSource, Result, Skip, Usage
 
 log = logging.getLogger("router")
 
 # Params the router sets itself; passing them to generate() would bypass routing or leak around it.
 _RESERVED = frozenset(
-    {"model", "messages", "api_key", "api_base", "base_url", "extra_headers", "max_retries", "num_retries", "stream_options"}
+    {
+        "model",
+        "messages",
+        "api_key",
+        "api_base",
+        "base_url",
+        "extra_headers",
+        "max_retries",
+        "num_retries",
+        "stream_options",
+    }
 )
 # Failures that say a target is unhealthy (as opposed to a bad request): they count towards its breaker.
 _COUNTS_AGAINST_TARGET = TRANSIENT | {"auth", "payment_required"}
@@ -109,10 +118,7 @@ def _snapshot(config: RouterConfig, env: Mapping[str, str]) -> _Snapshot:
         log.warning("%s names providers not in the config: %s", DISABLED_ENV, ", ".join(sorted(unknown)))
     # Values to scrub from every error text; short literals like "none" are not secrets.
     secrets = tuple(
-        v
-        for p in config.providers.values()
-        for k in p.keys()
-        if len(v := k.secret.get_secret_value()) >= 6
+        v for p in config.providers.values() for k in p.api_keys() if len(v := k.secret.get_secret_value()) >= 6
     )
     return _Snapshot(config, disabled, secrets)
 
@@ -372,7 +378,9 @@ class Router:
         cfg = snap.config
         reserved = _RESERVED.intersection(params)
         if reserved:
-            raise TypeError(f"generate() does not take {', '.join(sorted(reserved))}: the router sets it from the config")
+            raise TypeError(
+                f"generate() does not take {', '.join(sorted(reserved))}: the router sets it from the config"
+            )
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
         alias_name = model if model is not None else cfg.defaults.model
@@ -513,9 +521,18 @@ class Router:
                 self._record_health(target, False, probe)
                 cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
                 return Result(
-                    text=answer.text, alias=alias, provider=target.provider, model=target.model,
-                    usage=answer.usage, cost_usd=cost, cost_source=source, latency_s=clock() - start,
-                    attempts=tuple(attempts), finish_reason=answer.finish_reason, parsed=parsed, raw=reply,
+                    text=answer.text,
+                    alias=alias,
+                    provider=target.provider,
+                    model=target.model,
+                    usage=answer.usage,
+                    cost_usd=cost,
+                    cost_source=source,
+                    latency_s=clock() - start,
+                    attempts=tuple(attempts),
+                    finish_reason=answer.finish_reason,
+                    parsed=parsed,
+                    raw=reply,
                 )
             scrub(reply, plan.snap.secrets)
             failure = _litellm.classify_error(reply)
@@ -528,7 +545,9 @@ class Router:
             if key is not None and plan.pinned_key is None and len(target.keys) > 1:
                 if failure.outcome in _KEY_FAILURES:
                     self._keys.bench(target.provider, key.name, clock() + target.circuit.cooldown_s)
-                    log.warning("%s: key %r of provider %r benched after %s", alias, key.name, target.provider, failure.outcome)
+                    log.warning(
+                        "%s: key %r of provider %r benched after %s", alias, key.name, target.provider, failure.outcome
+                    )
                 if failure.outcome in _KEY_FAILURES or failure.outcome == "rate_limit":
                     nxt = self._pick_key(target, None, keys_tried)
                     if nxt is not None:
@@ -540,7 +559,11 @@ class Router:
                 delay = backoff_delay(tries, retry, failure.retry_after, self._jitter())
                 # A probe gets one request; a breaker that just opened, or a wait that would outlast the
                 # deadline, means moving on now.
-                if not probe and delay < deadline - clock() and self._circuits.admit(target.key, target.circuit, clock()).allowed:
+                if (
+                    not probe
+                    and delay < deadline - clock()
+                    and self._circuits.admit(target.key, target.circuit, clock()).allowed
+                ):
                     log.info("%s: %s failed (%s), retry %d in %.2fs", alias, target.key, failure.outcome, tries, delay)
                     if delay > 0:
                         yield _Sleep(delay)
@@ -583,9 +606,17 @@ class Router:
             attempts.append(Attempt(p, model, "success", took))
             self._record_health(target, False, probe)
             return Result(
-                text=state.text, alias=alias, provider=p, model=model, usage=usage, cost_usd=cost,
-                cost_source=source, latency_s=clock() - start, attempts=tuple(attempts),
-                finish_reason=state.finish_reason, raw=None,
+                text=state.text,
+                alias=alias,
+                provider=p,
+                model=model,
+                usage=usage,
+                cost_usd=cost,
+                cost_source=source,
+                latency_s=clock() - start,
+                attempts=tuple(attempts),
+                finish_reason=state.finish_reason,
+                raw=None,
             )
         if state.error is not None:
             scrub(state.error, plan.snap.secrets)
@@ -601,9 +632,7 @@ class Router:
 
     def _bill(self, alias: str, target: Target, usage: Usage, provider_cost: float | None) -> tuple[float, CostSource]:
         """Price a usage (config, provider-reported, litellm's map, unknown) and count its tokens and cost."""
-        map_cost = (
-            _litellm.price_map_cost(target, usage) if target.pricing is None and provider_cost is None else None
-        )
+        map_cost = _litellm.price_map_cost(target, usage) if target.pricing is None and provider_cost is None else None
         cost, source = price(usage, target, provider_cost, map_cost)
         self.metrics.answered(
             alias, target.provider, target.model, usage.input_tokens, usage.output_tokens, cost, source != "unknown"
@@ -673,7 +702,9 @@ def _check_provider(cfg: RouterConfig, alias: str, provider: str) -> None:
     on = sorted({t.provider for t in cfg.targets(alias)})
     if provider not in on:
         raise UnknownProviderError(
-            provider, alias, f"alias {alias!r} has no target on provider {provider!r} (its targets use: {', '.join(on)})"
+            provider,
+            alias,
+            f"alias {alias!r} has no target on provider {provider!r} (its targets use: {', '.join(on)})",
         )
 
 
@@ -681,7 +712,9 @@ def _check_key(cfg: RouterConfig, alias: str, key: str) -> None:
     names = sorted({k.name for t in cfg.targets(alias) for k in t.keys if k.named})
     if key not in names:
         raise UnknownProviderError(
-            "", alias, f"no provider of alias {alias!r} has a key named {key!r} (named keys: {', '.join(names) or 'none'})"
+            "",
+            alias,
+            f"no provider of alias {alias!r} has a key named {key!r} (named keys: {', '.join(names) or 'none'})",
         )
 
 

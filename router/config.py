@@ -169,7 +169,7 @@ class ProviderConfig(_Model):
                 raise ValueError(f"key names must be unique: {', '.join(dup)}")
         return v
 
-    def keys(self) -> tuple[ApiKey, ...]:
+    def api_keys(self) -> tuple[ApiKey, ...]:
         """The provider's keys as the router uses them (empty: no key configured)."""
         raw = self.api_key
         if raw is None:
@@ -177,7 +177,7 @@ class ProviderConfig(_Model):
         items = raw if isinstance(raw, list) else [raw]
         env = self._key_env_vars or tuple(() for _ in items)
         out = []
-        for item, env_vars in zip(items, env):
+        for item, env_vars in zip(items, env, strict=True):
             secret = item.key if isinstance(item, KeyConfig) else item
             name = item.name if isinstance(item, KeyConfig) else None
             out.append(ApiKey.make(secret, name, env_vars))
@@ -359,7 +359,7 @@ class Target:
     weight: float = 1.0
     first_token_timeout_s: float | None = None
     enabled: bool = True
-    circuit: CircuitConfig = CircuitConfig()
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
     key: str = field(init=False)
     litellm_model: str = field(init=False)
 
@@ -469,7 +469,9 @@ class _Source:
             for k, v in node.value:
                 key = k.value
                 if key in seen:
-                    self.problem(path + (key,), f"duplicate key (first defined on line {seen[key]})", k.start_mark.line + 1)
+                    self.problem(
+                        path + (key,), f"duplicate key (first defined on line {seen[key]})", k.start_mark.line + 1
+                    )
                 seen.setdefault(key, k.start_mark.line + 1)
                 self.lines[path + (key,)] = k.start_mark.line + 1
                 self._walk(v, path + (key,))
@@ -580,7 +582,9 @@ def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | Non
     env = os.environ if env is None else env
     src = _Source(text, file)
     if not isinstance(src.data, dict):
-        raise ConfigError([ConfigProblem(file, 1, "", "the file must be a mapping with version, providers and aliases")])
+        raise ConfigError(
+            [ConfigProblem(file, 1, "", "the file must be a mapping with version, providers and aliases")]
+        )
     data, key_env = _interpolate_tree(src, src.data, env)
     if src.problems:
         raise ConfigError(src.problems)
@@ -610,7 +614,9 @@ def _suggest(name: str, known: Iterable[str]) -> str:
 def _check_references(cfg: RouterConfig, src: _Source) -> None:
     d = cfg.defaults
     if d.model is not None and d.model not in cfg.aliases:
-        src.problem(("defaults", "model"), f"alias {d.model!r} is not defined under aliases{_suggest(d.model, cfg.aliases)}")
+        src.problem(
+            ("defaults", "model"), f"alias {d.model!r} is not defined under aliases{_suggest(d.model, cfg.aliases)}"
+        )
     tiers: dict[str, tuple[tuple[Target, ...], ...]] = {}
     spelled: set[str] = set()
     for alias_name, alias in cfg.aliases.items():
@@ -621,7 +627,10 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                 provider = cfg.providers.get(t.provider)
                 if provider is None:
                     loc = src.yaml_loc(("aliases", alias_name, "targets", i, j))
-                    src.problem(loc, f"provider {t.provider!r} is not defined under providers{_suggest(t.provider, cfg.providers)}")
+                    src.problem(
+                        loc,
+                        f"provider {t.provider!r} is not defined under providers{_suggest(t.provider, cfg.providers)}",
+                    )
                     continue
                 model = normalize_model(provider.kind, t.model)
                 spelled.update({f"{t.provider}/{t.model}", f"{t.provider}/{model}"})
@@ -631,7 +640,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         model=model,
                         kind=provider.kind,
                         api_base=provider.api_base,
-                        keys=provider.keys(),
+                        keys=provider.api_keys(),
                         headers=dict(provider.headers),
                         timeout_s=provider.timeout_s or d.timeout_s,
                         params=dict(t.params),
@@ -675,7 +684,9 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError:
         raise ConfigError([ConfigProblem(str(p), None, "", "is not UTF-8 text")]) from None
     except OSError as exc:
-        raise ConfigError([ConfigProblem(str(p), None, "", f"cannot read: {exc.strerror or exc.__class__.__name__}")]) from None
+        raise ConfigError(
+            [ConfigProblem(str(p), None, "", f"cannot read: {exc.strerror or exc.__class__.__name__}")]
+        ) from None
     cfg = parse_config(text, str(p), env)
     cfg._sha256 = hashlib.sha256(raw).hexdigest()  # the file's bytes, as sha256sum prints it
     return cfg
@@ -687,10 +698,22 @@ def config_schema() -> dict[str, Any]:
     schema["title"] = "llm-router config"
     # A target may also be written "<provider>/<model>", and a tier member {target: "<provider>/<model>", weight}.
     short = {"type": "string", "pattern": "^[^/]+/.+$"}
-    member = {"anyOf": [short, {"$ref": "#/$defs/TargetConfig"}, {
-        "type": "object", "required": ["target"], "additionalProperties": False,
-        "properties": {"target": short, "weight": {"type": "number", "minimum": 0}, "params": {"type": "object"}},
-    }]}
+    member = {
+        "anyOf": [
+            short,
+            {"$ref": "#/$defs/TargetConfig"},
+            {
+                "type": "object",
+                "required": ["target"],
+                "additionalProperties": False,
+                "properties": {
+                    "target": short,
+                    "weight": {"type": "number", "minimum": 0},
+                    "params": {"type": "object"},
+                },
+            },
+        ]
+    }
     alias = schema["$defs"]["AliasConfig"]["properties"]["targets"]
     alias["items"] = {"anyOf": [member, {"type": "array", "items": member, "minItems": 1}]}
     return schema

@@ -44,7 +44,8 @@ def _show(label: str, res: Result) -> None:
 
 
 async def _concurrent(r: Router, n: int) -> list[Result]:
-    return await asyncio.gather(*(r.agenerate(f"Name a queueing discipline, #{i}", model="fast") for i in range(n)))
+    done = await asyncio.gather(*(r.agenerate(f"Name a queueing discipline, #{i}", model="fast") for i in range(n)))
+    return list(done)
 
 
 def run(config: str | None = None) -> int:
@@ -62,7 +63,10 @@ def run(config: str | None = None) -> int:
         r = Router.from_yaml(_find_config(config), registry=registry)
         print(f"config: {r.config.source}; simulator at {up.url}")
 
-        _show("generate('Write a haiku about queues', model='fast')", r.generate("Write a haiku about queues", model="fast"))
+        _show(
+            "generate('Write a haiku about queues', model='fast')",
+            r.generate("Write a haiku about queues", model="fast"),
+        )
         _show(
             "generate('What is a fallback?')  # default alias 'chat': its first provider always answers 503",
             r.generate("What is a fallback?"),
@@ -72,9 +76,11 @@ def run(config: str | None = None) -> int:
             r.generate("Summarise Little's law", model="premium"),
         )
         results = asyncio.run(_concurrent(r, 5))
-        print(f"\n▶ 5 concurrent agenerate(..., model='fast'): {sum(1 for x in results if x.text)} answered, "
-              f"max latency {max(x.latency_s for x in results) * 1000:.0f} ms, "
-              f"total cost ${sum(x.cost_usd for x in results):.8f}")
+        print(
+            f"\n▶ 5 concurrent agenerate(..., model='fast'): {sum(1 for x in results if x.text)} answered, "
+            f"max latency {max(x.latency_s for x in results) * 1000:.0f} ms, "
+            f"total cost ${sum(x.cost_usd for x in results):.8f}"
+        )
         print("\n▶ generate('hi', model='caht')  # a typo in the alias")
         try:
             r.generate("hi", model="caht")
@@ -83,12 +89,16 @@ def run(config: str | None = None) -> int:
 
         from .api import start_metrics_server
 
-        server, thread = start_metrics_server(port=0, registry=registry)
+        server, _thread = start_metrics_server(port=0, registry=registry)
         port = server.server_address[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
         server.shutdown()
-        lines = [ln for ln in text.splitlines() if ln.startswith("llm_router_") and "_bucket" not in ln and "_created" not in ln]
+        lines = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("llm_router_") and "_bucket" not in ln and "_created" not in ln
+        ]
         print(f"\n▶ GET http://127.0.0.1:{port}/metrics (histogram buckets and _created omitted here)")
         print("\n".join("  " + ln for ln in lines))
     return 0

@@ -9,7 +9,7 @@ The hierarchy::
     ├── MissingCredentialsError              every target was skipped for want of a key  .alias .env_vars .skipped
     ├── ProviderError                        a failure that is not fallen back from      .attempts .outcome .status_code
     │                                        (e.g. a 400); the litellm exception is its __cause__
-    ├── StreamInterruptedError               a stream broke after text was yielded       .text .usage .cost_usd .attempts
+    ├── StreamInterruptedError               a stream broke after text was yielded       .text .usage .cost_usd
     └── AllTargetsFailedError                every target was tried and failed           .alias .attempts
         └── DeadlineExceededError            the call's deadline ran out first           .deadline_s
 
@@ -161,7 +161,9 @@ class DeadlineExceededError(AllTargetsFailedError):
 
     def __init__(self, alias: str, attempts: Sequence[Attempt], deadline_s: float) -> None:
         self.deadline_s = deadline_s
-        super().__init__(alias, attempts, reason=f"deadline of {deadline_s:g}s exceeded", outcome=None if attempts else "timeout")
+        super().__init__(
+            alias, attempts, reason=f"deadline of {deadline_s:g}s exceeded", outcome=None if attempts else "timeout"
+        )
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:

@@ -135,7 +135,9 @@ class MemoryCircuitStore:
 class KeyStore(Protocol):
     """Round-robin position and benched keys per provider. The in-process default is `MemoryKeyStore`."""
 
-    def pick(self, provider: str, keys: Sequence[ApiKey], now: float, exclude: frozenset[str] = frozenset()) -> ApiKey | None:
+    def pick(
+        self, provider: str, keys: Sequence[ApiKey], now: float, exclude: frozenset[str] = frozenset()
+    ) -> ApiKey | None:
         """The next usable, unbenched key not in `exclude`; None if there is none."""
         ...
 
@@ -156,7 +158,9 @@ class MemoryKeyStore:
         self._benched: dict[tuple[str, str], float] = {}
         self._lock = threading.Lock()
 
-    def pick(self, provider: str, keys: Sequence[ApiKey], now: float, exclude: frozenset[str] = frozenset()) -> ApiKey | None:
+    def pick(
+        self, provider: str, keys: Sequence[ApiKey], now: float, exclude: frozenset[str] = frozenset()
+    ) -> ApiKey | None:
         """See `KeyStore.pick`."""
         with self._lock:
             start = self._next.get(provider, 0)

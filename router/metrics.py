@@ -9,6 +9,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
@@ -28,50 +29,70 @@ class RouterMetrics:
     ) -> None:
         self.registry = registry
         self.namespace = namespace
-        kw = {"namespace": namespace, "registry": registry}
+        kw: dict[str, Any] = {"namespace": namespace, "registry": registry}
         b = self.buckets = tuple(buckets)
         self.requests = Counter("requests_total", "generate() calls by final outcome.", ["alias", "outcome"], **kw)
         self.request_duration = Histogram(
-            "request_duration_seconds", "Wall time of generate() calls, retries included.", ["alias", "outcome"],
-            buckets=b, **kw,
+            "request_duration_seconds",
+            "Wall time of generate() calls, retries included.",
+            ["alias", "outcome"],
+            buckets=b,
+            **kw,
         )
         self.attempts = Counter(
             "attempts_total", "Requests sent to providers, by outcome.", ["alias", "provider", "model", "outcome"], **kw
         )
         self.attempt_duration = Histogram(
-            "attempt_duration_seconds", "Wall time of one provider request.", ["alias", "provider", "model"],
-            buckets=b, **kw,
+            "attempt_duration_seconds",
+            "Wall time of one provider request.",
+            ["alias", "provider", "model"],
+            buckets=b,
+            **kw,
         )
         self.tokens = Counter(
             "tokens_total", "Tokens used by successful calls.", ["alias", "provider", "model", "kind"], **kw
         )
         self.cost = Counter("cost_usd_total", "Cost of successful calls in USD.", ["alias", "provider", "model"], **kw)
         self.cost_unknown = Counter(
-            "cost_unknown_total", "Successful calls whose price is unknown (counted as 0 USD).",
-            ["alias", "provider", "model"], **kw,
+            "cost_unknown_total",
+            "Successful calls whose price is unknown (counted as 0 USD).",
+            ["alias", "provider", "model"],
+            **kw,
         )
         self.fallbacks = Counter(
-            "fallbacks_total", "Moves from one target to the next.", ["alias", "from_provider", "to_provider", "reason"],
+            "fallbacks_total",
+            "Moves from one target to the next.",
+            ["alias", "from_provider", "to_provider", "reason"],
             **kw,
         )
         self.skipped = Counter(
             "skipped_total", "Targets passed over without a request.", ["alias", "provider", "model", "reason"], **kw
         )
         self.ttft = Histogram(
-            "time_to_first_token_seconds", "Streaming: time from request to the first text.",
-            ["alias", "provider", "model"], buckets=b, **kw,
+            "time_to_first_token_seconds",
+            "Streaming: time from request to the first text.",
+            ["alias", "provider", "model"],
+            buckets=b,
+            **kw,
         )
         self.stream_interrupted = Counter(
-            "stream_interrupted_total", "Streams that broke off after text had been yielded.",
-            ["alias", "provider", "model"], **kw,
+            "stream_interrupted_total",
+            "Streams that broke off after text had been yielded.",
+            ["alias", "provider", "model"],
+            **kw,
         )
         self.key_requests = Counter(
-            "key_requests_total", "Requests sent with each key (its name or a short hash, never the key).",
-            ["provider", "key"], **kw,
+            "key_requests_total",
+            "Requests sent with each key (its name or a short hash, never the key).",
+            ["provider", "key"],
+            **kw,
         )
         self.circuit_state = Gauge(
-            "circuit_state", "Breaker of each target: 0 closed, 1 half-open, 2 open.", ["provider", "model"],
-            multiprocess_mode="max", **kw,
+            "circuit_state",
+            "Breaker of each target: 0 closed, 1 half-open, 2 open.",
+            ["provider", "model"],
+            multiprocess_mode="max",
+            **kw,
         )
         self.circuit_transitions = Counter(
             "circuit_transitions_total", "Breaker state changes.", ["provider", "model", "to"], **kw
@@ -81,19 +102,23 @@ class RouterMetrics:
             "config_info", "1 for the config in force, by its sha256.", ["sha256"], multiprocess_mode="max", **kw
         )
         self.config_last_reload = Gauge(
-            "config_last_reload_timestamp_seconds", "Unix time of the last successful config (re)load.",
-            multiprocess_mode="max", **kw,
+            "config_last_reload_timestamp_seconds",
+            "Unix time of the last successful config (re)load.",
+            multiprocess_mode="max",
+            **kw,
         )
-        self.in_flight = Gauge(
-            "in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw
-        )
+        self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
 
-    _shared: weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]] = weakref.WeakKeyDictionary()
+    _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
+        weakref.WeakKeyDictionary()
+    )
     _lock = threading.Lock()
 
     @classmethod
     def on(
-        cls, registry: CollectorRegistry | None = None, namespace: str = "llm_router",
+        cls,
+        registry: CollectorRegistry | None = None,
+        namespace: str = "llm_router",
         buckets: Sequence[float] = DEFAULT_BUCKETS,
     ) -> RouterMetrics:
         """The metrics of `registry` (default: prometheus_client's), created once; Routers sharing it share them."""
@@ -124,7 +149,13 @@ class RouterMetrics:
         self.attempt_duration.labels(alias, provider, model).observe(duration_s)
 
     def answered(
-        self, alias: str, provider: str, model: str, input_tokens: int, output_tokens: int, cost_usd: float,
+        self,
+        alias: str,
+        provider: str,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cost_usd: float,
         cost_known: bool,
     ) -> None:
         """A successful answer's tokens and cost."""

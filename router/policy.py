@@ -119,7 +119,7 @@ def backoff_delay(
     """
     if retry_after is not None and retry.honor_retry_after:
         return max(0.0, min(retry_after, retry.max_backoff_s))
-    ceiling = min(retry.max_backoff_s, retry.backoff_s * 2 ** (retry_number - 1))
+    ceiling: float = min(retry.max_backoff_s, retry.backoff_s * 2.0 ** (retry_number - 1))
     return ceiling * jitter
 
 

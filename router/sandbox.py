@@ -61,6 +61,9 @@ class Reply:
     error: str | None = None  # message for a non-2xx status
     cut_after: int | None = None  # streaming: drop the connection after N content chunks
     drop: bool = False  # close the socket without any response
+    error_event: bool = False  # streaming: after the content (or cut_after chunks of it) send an SSE error event
+    no_finish: bool = False  # streaming: end the body cleanly after the content: no finish_reason, usage, [DONE]
+    stream_usage: bool = True  # streaming (OpenAI): send the usage chunk when stream_options.include_usage asks
 
 
 @dataclass
@@ -453,9 +456,16 @@ class _Handler(BaseHTTPRequestHandler):
         for i, piece in enumerate(_split3(text)):
             events.append(chunk({"role": "assistant", "content": piece} if i == 0 else {"content": piece}, None))
         n_content = len(events)
+        if reply.error_event or reply.no_finish:
+            frames = [_sse(e) for e in events[: _kept(reply, n_content)]]
+            if reply.error_event:
+                message = reply.error or "SIMULATED stream error"
+                frames.append(_sse({"error": {"message": message, "type": "server_error", "code": None}}))
+            self._stream_sse(replace(reply, cut_after=None), frames, 0, 0)
+            return
         events.append(chunk({}, "stop"))
         opts = received.body.get("stream_options") if isinstance(received.body, dict) else None
-        if isinstance(opts, dict) and opts.get("include_usage"):
+        if reply.stream_usage and isinstance(opts, dict) and opts.get("include_usage"):
             events.append(
                 {
                     "id": rid,
@@ -466,12 +476,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "usage": usage,
                 }
             )
-        self._stream_sse(
-            reply,
-            [b"data: " + _json.dumps(e).encode() + b"\n\n" for e in events] + [b"data: [DONE]\n\n"],
-            0,
-            n_content,
-        )
+        self._stream_sse(reply, [_sse(e) for e in events] + [b"data: [DONE]\n\n"], 0, n_content)
 
     def _stream_sse(self, reply: Reply, frames: list[bytes], first_content: int, n_content: int) -> None:
         """Send SSE frames with chunked transfer-encoding; honour reply.cut_after (counted in content frames)."""
@@ -551,6 +556,13 @@ class _Handler(BaseHTTPRequestHandler):
             )
             for p in pieces
         ]
+        if reply.error_event or reply.no_finish:
+            frames = frames[: 2 + _kept(reply, len(pieces))]
+            if reply.error_event:
+                message = reply.error or "SIMULATED stream error"
+                frames.append(ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": message}}))
+            self._stream_sse(replace(reply, cut_after=None), frames, 0, 0)
+            return
         frames += [
             ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ev(
@@ -564,6 +576,15 @@ class _Handler(BaseHTTPRequestHandler):
             ev("message_stop", {"type": "message_stop"}),
         ]
         self._stream_sse(reply, frames, 2, len(pieces))
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + _json.dumps(event).encode() + b"\n\n"
+
+
+def _kept(reply: Reply, n_content: int) -> int:
+    """Content chunks sent before an error event or a finish-less end: all, or cut_after of them."""
+    return n_content if reply.cut_after is None else max(0, min(reply.cut_after, n_content))
 
 
 def _with_text(reply: Reply, text: str) -> Reply:

@@ -76,7 +76,9 @@ def parse(text: str, fmt: Format) -> Any:
     try:
         value = json.loads(body)
     except json.JSONDecodeError as exc:
-        raise InvalidResponse(f"the answer is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+        raise InvalidResponse(
+            f"the answer is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        ) from None
     if fmt.model is not None:
         try:
             return fmt.model.model_validate(value)

@@ -82,4 +82,8 @@ class Result:
     @property
     def fallbacks(self) -> int:
         """How many times the call moved on to another target."""
-        return sum(1 for a, b in zip(self.attempts, self.attempts[1:]) if (a.provider, a.model) != (b.provider, b.model))
+        return sum(
+            1
+            for a, b in zip(self.attempts, self.attempts[1:], strict=False)
+            if (a.provider, a.model) != (b.provider, b.model)
+        )

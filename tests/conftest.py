@@ -17,8 +17,8 @@ from prometheus_client import CollectorRegistry
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from router import Router, parse_config  # noqa: E402
-from router.sandbox import Upstream  # noqa: E402
+from router import Router, parse_config
+from router.sandbox import Upstream
 
 # Keys that look real enough to be worth leaking; tests assert they never show up anywhere.
 KEY_A = "sk-test-aaaa-0123456789abcdef"
