@@ -18,12 +18,18 @@ _lock = threading.Lock()
 
 
 def default_router() -> Router:
-    """The Router used by `router.generate()`: from $LLM_ROUTER_CONFIG, else ./config/router.yaml; built once."""
+    """The Router used by `router.generate()`: from $LLM_ROUTER_CONFIG, else ./config/router.yaml; built once.
+
+    With LLM_ROUTER_WATCH=1 it reloads the file when it changes.
+    """
     global _default
     if _default is None:
         with _lock:
             if _default is None:
-                _default = Router.from_yaml(os.environ.get("LLM_ROUTER_CONFIG") or DEFAULT_CONFIG)
+                _default = Router.from_yaml(
+                    os.environ.get("LLM_ROUTER_CONFIG") or DEFAULT_CONFIG,
+                    watch=os.environ.get("LLM_ROUTER_WATCH", "").lower() in ("1", "true", "yes"),
+                )
     return _default
 
 

@@ -75,6 +75,17 @@ def run(config: str | None = None) -> int:
             "generate('Summarise Little's law', model='premium')  # 'premium' has no key set",
             r.generate("Summarise Little's law", model="premium"),
         )
+        print("\n▶ generate('Tell me about backpressure', stream=True)  # flaky fails before the first token: falls back")
+        stream = r.generate("Tell me about backpressure", stream=True)
+        print("  ", end="")
+        for delta in stream:
+            print(delta, end="", flush=True)
+        print()
+        if stream.result is not None:
+            res = stream.result
+            tried = " → ".join(f"{a.provider}:{a.outcome}" for a in res.attempts)
+            print(f"  attempts: {tried}; {res.usage.output_tokens} tokens out, ${res.cost_usd:.8f}")
+
         results = asyncio.run(_concurrent(r, 5))
         print(
             f"\n▶ 5 concurrent agenerate(..., model='fast'): {sum(1 for x in results if x.text)} answered, "
