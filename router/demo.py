@@ -75,7 +75,7 @@ def run(config: str | None = None) -> int:
             "generate('Summarise Little's law', model='premium')  # 'premium' has no key set",
             r.generate("Summarise Little's law", model="premium"),
         )
-        print("\n▶ generate('Tell me about backpressure', stream=True)  # flaky fails before the first token: falls back")
+        print("\n▶ generate('Tell me about backpressure', stream=True)  # flaky fails before any text: fallback")
         stream = r.generate("Tell me about backpressure", stream=True)
         print("  ", end="")
         for delta in stream:
