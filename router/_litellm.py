@@ -244,6 +244,40 @@ class StreamState:
         """The text received so far."""
         return "".join(self.parts)
 
+    @property
+    def finished(self) -> bool:
+        """Whether the provider itself ended the answer (litellm adds a finish reason to a cut-off stream)."""
+        return getattr(self.stream, "received_finish_reason", self.finish_reason) is not None
+
+    @property
+    def reported_usage(self) -> Usage | None:
+        """The usage the provider reported; None when the only usage is litellm's own count."""
+        chunks = getattr(self.stream, "chunks", None)
+        if chunks is None or any(getattr(getattr(c, "usage", None), "completion_tokens", None) for c in chunks):
+            return self.usage
+        return None
+
+    def close(self) -> None:
+        """Release the HTTP response of an abandoned stream (best effort)."""
+        inner = getattr(self.stream, "completion_stream", None)
+        close = getattr(inner, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # already closed, or a stream type that cannot: nothing more to free
+                pass
+
+    async def aclose(self) -> None:
+        """Async twin of `close`."""
+        aclose = getattr(self.stream, "aclose", None)
+        if callable(aclose):
+            try:
+                await aclose()
+            except Exception:  # already closed: nothing more to free
+                pass
+        else:
+            self.close()
+
     def feed(self, chunk: Any) -> str:
         """Take one chunk; return its text delta ("" for none)."""
         usage = getattr(chunk, "usage", None)

@@ -596,12 +596,13 @@ class Router:
             yield _Stream(state)  # the caller reads the stream; we are resumed when it ends or breaks
         except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
             m.attempt(alias, p, model, "cancelled", clock() - t0)
-            self._bill(alias, target, state.usage or _litellm.count_tokens(target, send["messages"], state.text), None)
+            usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
+            self._bill(alias, target, usage, None)
             raise
         took = clock() - t0
-        usage = state.usage or _litellm.count_tokens(target, send["messages"], state.text)
+        usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
         cost, source = self._bill(alias, target, usage, state.provider_cost)
-        if state.error is None and state.finish_reason is not None:
+        if state.error is None and state.finished:
             m.attempt(alias, p, model, "success", took)
             attempts.append(Attempt(p, model, "success", took))
             self._record_health(target, False, probe)
@@ -797,6 +798,7 @@ class Stream:
         """Stop reading; the attempt and the call are counted as cancelled."""
         if not self._done:
             self._done = True
+            self._state.close()
             self._loop.close()
 
     def __enter__(self) -> Stream:
@@ -853,6 +855,7 @@ class AsyncStream:
         """Stop reading; the attempt and the call are counted as cancelled."""
         if not self._done:
             self._done = True
+            await self._state.aclose()
             self._loop.close()
 
     async def __aenter__(self) -> AsyncStream:
