@@ -418,12 +418,13 @@ class Router:
         attempts: list[Attempt] = []
         skipped = list(plan.skipped)
         final = "cancelled"  # if the caller goes away mid-call (task cancelled, KeyboardInterrupt)
+        held_open: list[tuple[float, Target, dict[str, Any]]] = []
         m.request_started(alias)
         try:
             for s in plan.skipped:
                 self._note_skip(alias, s)
             queue = list(plan.targets)
-            held_open: list[tuple[float, Target, dict[str, Any]]] = []  # skipped for an open circuit
+            # held_open: targets found open, kept aside: if all are, the one cooling down first may still be tried.
             try_soonest = plan.snap.config.defaults.circuit.when_all_open == "try_soonest"
             left: tuple[str, str] | None = None  # (provider, reason) of the target just fallen back from
             last_error: BaseException | None = None
@@ -436,11 +437,11 @@ class Router:
                     probe = admission.probe
                     if not admission.allowed:
                         held_open.append((admission.open_until, target, kwargs))
-                        self._skip(alias, skipped, Skip(target.provider, target.model, "circuit_open"))
                         continue
                 else:  # every usable target is open: try the one whose cooldown ends first, as a probe
-                    _, target, kwargs = min(held_open, key=lambda h: h[0])
-                    held_open.clear()
+                    chosen = min(held_open, key=lambda h: h[0])
+                    held_open.remove(chosen)
+                    _, target, kwargs = chosen
                     probe = True
                 key = self._pick_key(target, plan.pinned_key, set())
                 if target.keys and key is None:
@@ -451,9 +452,11 @@ class Router:
                 outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
                 if isinstance(outcome, Result):
                     final = "success"
+                    self._skip_open(alias, skipped, held_open)
                     return replace(outcome, skipped=tuple(skipped)) if skipped else outcome
                 failure, last_error = outcome
                 left = (target.provider, failure.outcome)
+            self._skip_open(alias, skipped, held_open)
             if attempts:
                 raise AllTargetsFailedError(alias, attempts) from last_error
             reason = _no_target_outcome(skipped)
@@ -465,7 +468,16 @@ class Router:
             final = exc.outcome
             raise
         finally:
+            self._skip_open(alias, skipped, held_open)
             m.request_finished(alias, final, clock() - start)
+
+    def _skip_open(
+        self, alias: str, skipped: list[Skip], held_open: list[tuple[float, Target, dict[str, Any]]]
+    ) -> None:
+        """Count the targets passed over for an open circuit (once the call knows it did not try them)."""
+        for _, t, _ in held_open:
+            self._skip(alias, skipped, Skip(t.provider, t.model, "circuit_open"))
+        held_open.clear()
 
     def _on_target(
         self,
@@ -542,18 +554,21 @@ class Router:
 
             # In a key pool, a key refused (401/402) is benched, and a refused or rate-limited request goes
             # out again at once with the next key, before any retry or fallback.
-            if key is not None and plan.pinned_key is None and len(target.keys) > 1:
+            pooled = key is not None and sum(k.usable for k in target.keys) > 1
+            if pooled and key is not None:
                 if failure.outcome in _KEY_FAILURES:
                     self._keys.bench(target.provider, key.name, clock() + target.circuit.cooldown_s)
                     log.warning(
                         "%s: key %r of provider %r benched after %s", alias, key.name, target.provider, failure.outcome
                     )
-                if failure.outcome in _KEY_FAILURES or failure.outcome == "rate_limit":
+                if plan.pinned_key is None and failure.outcome in (*_KEY_FAILURES, "rate_limit"):
                     nxt = self._pick_key(target, None, keys_tried)
                     if nxt is not None:
                         key, tries = nxt, tries - 1
                         continue
-            self._record_health(target, _health_signal(failure.outcome), probe)
+            # A key refused while the pool has others is that key's fault, not the target's.
+            health = None if pooled and failure.outcome in _KEY_FAILURES else _health_signal(failure.outcome)
+            self._record_health(target, health, probe)
             step = next_step(failure.outcome, tries, retry, fallback_on, has_next)
             if step is Step.RETRY:
                 delay = backoff_delay(tries, retry, failure.retry_after, self._jitter())
@@ -721,7 +736,7 @@ def _check_key(cfg: RouterConfig, alias: str, key: str) -> None:
 
 def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: threading.Event) -> None:
     """Poll `path`; reload the router when the file's content changes. Ends with the router or `stop`."""
-    last = _stat(path)
+    last: tuple[int, int, int] | None = None  # the first poll compares contents: an edit made before it counts
     while not stop.wait(poll_s):
         now = _stat(path)
         if now == last:

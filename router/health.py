@@ -55,7 +55,10 @@ def admit(c: Circuit, cfg: CircuitConfig, now: float) -> Admission:
         # The last probe never reported back (its caller went away): let another one through.
         c.probe_started = now
         return Admission(True, probe=True)
-    return Admission(False, open_until=max(c.open_until, (c.probe_started or now) + cfg.cooldown_s))
+    if c.state == "open":
+        return Admission(False, open_until=c.open_until)
+    # half-open with its probe still out: no answer before that probe's time is up
+    return Admission(False, open_until=(c.probe_started or now) + cfg.cooldown_s)
 
 
 def record(c: Circuit, cfg: CircuitConfig, now: float, failed: bool | None, probe: bool) -> CircuitState | None:
