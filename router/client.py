@@ -762,12 +762,8 @@ def _stat(path: Path) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-class Stream:
-    """The text deltas of a streamed answer, as they come. When it ends, `.result` holds the `Result`.
-
-    Use it as an iterator (and, to stop early, `close()` it or use it in a `with` block); a stream that breaks
-    after text has been yielded raises `StreamInterruptedError`, carrying the text so far.
-    """
+class _StreamBase:
+    """What `Stream` and `AsyncStream` share: the text already read, and handing the end back to the loop."""
 
     def __init__(self, loop: _Loop, state: _litellm.StreamState) -> None:
         self._loop = loop
@@ -780,6 +776,29 @@ class Stream:
     def text(self) -> str:
         """The text received so far."""
         return self._state.text
+
+    def _finish(self, error: BaseException | None) -> None:
+        # The loop accounts for the stream: it returns the Result, or raises StreamInterruptedError.
+        self._done = True
+        self._state.error = error
+        try:
+            self._loop.send(self._state)
+        except StopIteration as done:
+            self.result = done.value
+
+    def _abandon(self) -> bool:
+        if self._done:
+            return False
+        self._done = True
+        return True
+
+
+class Stream(_StreamBase):
+    """The text deltas of a streamed answer, as they come. When it ends, `.result` holds the `Result`.
+
+    Use it as an iterator (and, to stop early, `close()` it or use it in a `with` block); a stream that breaks
+    after text has been yielded raises `StreamInterruptedError`, carrying the text so far.
+    """
 
     def __iter__(self) -> Stream:
         return self
@@ -801,18 +820,9 @@ class Stream:
                 return text
         raise StopIteration
 
-    def _finish(self, error: BaseException | None) -> None:
-        self._done = True
-        self._state.error = error
-        try:
-            self._loop.send(self._state)
-        except StopIteration as done:
-            self.result = done.value
-
     def close(self) -> None:
         """Stop reading; the attempt and the call are counted as cancelled."""
-        if not self._done:
-            self._done = True
+        if self._abandon():
             self._state.close()
             self._loop.close()
 
@@ -823,20 +833,8 @@ class Stream:
         self.close()
 
 
-class AsyncStream:
+class AsyncStream(_StreamBase):
     """Async twin of `Stream`: `async for delta in stream`, then `stream.result`."""
-
-    def __init__(self, loop: _Loop, state: _litellm.StreamState) -> None:
-        self._loop = loop
-        self._state = state
-        self._pending = list(state.parts)
-        self._done = False
-        self.result: Result | None = None
-
-    @property
-    def text(self) -> str:
-        """The text received so far."""
-        return self._state.text
 
     def __aiter__(self) -> AsyncStream:
         return self
@@ -858,18 +856,9 @@ class AsyncStream:
                 return text
         raise StopAsyncIteration
 
-    def _finish(self, error: BaseException | None) -> None:
-        self._done = True
-        self._state.error = error
-        try:
-            self._loop.send(self._state)
-        except StopIteration as done:
-            self.result = done.value
-
     async def aclose(self) -> None:
         """Stop reading; the attempt and the call are counted as cancelled."""
-        if not self._done:
-            self._done = True
+        if self._abandon():
             await self._state.aclose()
             self._loop.close()
 

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError, ConfigProblem
-from .types import FAILURE_OUTCOMES
+from .types import FailureOutcome
 
 DEFAULT_FALLBACK_ON = [
     "rate_limit",
@@ -45,22 +45,6 @@ DEFAULT_FALLBACK_ON = [
     "invalid_response",
     "context_window",
 ]
-FailureOutcome = Literal[
-    "rate_limit",
-    "timeout",
-    "connection",
-    "server_error",
-    "auth",
-    "payment_required",
-    "not_found",
-    "bad_request",
-    "context_window",
-    "content_filter",
-    "invalid_response",
-    "other",
-]
-assert set(FailureOutcome.__args__) == set(FAILURE_OUTCOMES)  # type: ignore[attr-defined]
-
 # Latency of LLM calls runs from tens of milliseconds (a cached or tiny answer) to minutes (long generations).
 DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Outcome = Literal[
-    "success",
+FailureOutcome = Literal[
     "rate_limit",
     "timeout",
     "connection",
@@ -20,7 +19,8 @@ Outcome = Literal[
     "invalid_response",
     "other",
 ]
-FAILURE_OUTCOMES: tuple[str, ...] = Outcome.__args__[1:]  # type: ignore[attr-defined]
+Outcome = Literal["success"] | FailureOutcome
+FAILURE_OUTCOMES: tuple[str, ...] = FailureOutcome.__args__  # type: ignore[attr-defined]
 
 CostSource = Literal["config", "provider", "litellm", "unknown"]
 
