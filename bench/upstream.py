@@ -1,9 +1,10 @@
 """A loopback OpenAI-compatible upstream for the benchmark, run in its own process.
 
 ``POST /{route}/v1/chat/completions`` answers a fixed, small ``chat.completion`` with usage, from bytes built
-once; a route whose name starts with ``fail`` answers 503 at once. Being another process, its CPU never shows
-in the benchmark's ``time.process_time()``; it is pinned to its own core where there is one to spare, so it
-is not the bottleneck.
+once; a route whose name starts with ``fail`` answers 503 at once, and one starting with ``cost`` adds
+OpenRouter's ``usage.cost`` (the provider-reported price the router must keep reading). Being another
+process, its CPU never shows in the benchmark's ``time.process_time()``; it is pinned to its own core where
+there is one to spare, so it is not the bottleneck.
 
     with Upstream() as up:
         up.url   # http://127.0.0.1:PORT
@@ -36,6 +37,10 @@ REPLY = {
     "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
 }
 BODY = json.dumps(REPLY, separators=(",", ":")).encode()
+PROVIDER_COST = 0.000042
+COST_BODY = json.dumps(
+    {**REPLY, "usage": {**REPLY["usage"], "cost": PROVIDER_COST}}, separators=(",", ":")
+).encode()
 FAIL_BODY = json.dumps({"error": {"message": "bench: unavailable", "type": "server_error", "code": 503}}).encode()
 
 
@@ -50,15 +55,16 @@ def serve(cpu: int | None = None) -> None:
 
     async def chat(request: web.Request) -> web.Response:
         await request.read()  # drain the body so keep-alive connections stay usable
-        if request.match_info["route"].startswith("fail"):
+        route = request.match_info["route"]
+        if route.startswith("fail"):
             return web.Response(status=503, body=FAIL_BODY, content_type="application/json")
-        return web.Response(body=BODY, content_type="application/json")
+        return web.Response(body=COST_BODY if route.startswith("cost") else BODY, content_type="application/json")
 
     async def main() -> None:
         app = web.Application()
         app.router.add_post("/{route}/v1/chat/completions", chat)
         app.router.add_post("/{route}/chat/completions", chat)
-        runner = web.AppRunner(app, access_log=None, handle_signals=True)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -7,8 +7,11 @@ waits until a request is actually made: `import router` and `llm-router validate
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -19,6 +22,18 @@ from .types import Usage
 
 _lock = threading.Lock()
 _litellm: ModuleType | None = None
+# litellm's marker for its own nested calls, which skip its success/failure logging (see `_quiet`).
+_internal_call: ContextVar[bool] | None = None
+# While every one of these is empty, nothing consumes litellm's own success/failure logging.
+_CALLBACK_LISTS = (
+    "callbacks",
+    "input_callback",
+    "success_callback",
+    "failure_callback",
+    "_async_input_callback",
+    "_async_success_callback",
+    "_async_failure_callback",
+)
 
 # The hidden-params key where litellm puts the cost a provider reported (OpenRouter's usage.cost).
 _PROVIDER_COST_KEY = "llm_provider-x-litellm-response-cost"
@@ -35,6 +50,13 @@ def litellm() -> ModuleType:
 
                 mod.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
                 mod.telemetry = False
+                global _internal_call
+                try:  # private in litellm 1.106: without it, calls just take litellm's full logging path
+                    from litellm._internal_context import is_internal_call
+
+                    _internal_call = is_internal_call
+                except ImportError:
+                    _internal_call = None
                 _litellm = mod
     return _litellm
 
@@ -57,14 +79,37 @@ def request_kwargs(
     return kw
 
 
+@contextlib.contextmanager
+def _quiet(lm: ModuleType) -> Iterator[None]:
+    """Let litellm skip its own success/failure logging for this request.
+
+    The router records metrics and prices calls itself, so litellm's logging payloads, cost diagnostics and,
+    on a failure, two formatted and redacted tracebacks are work nobody reads: skipping them saves ~9% CPU
+    per call and ~40% on a failed attempt (bench/README.md). Only while no litellm callback is registered,
+    so an application's own litellm callbacks (Langfuse and the like) still see every call.
+    """
+    if _internal_call is None or any(getattr(lm, n, None) for n in _CALLBACK_LISTS):
+        yield
+        return
+    token = _internal_call.set(True)
+    try:
+        yield
+    finally:
+        _internal_call.reset(token)
+
+
 def complete(kwargs: dict[str, Any]) -> Any:
     """One blocking request."""
-    return litellm().completion(**kwargs)
+    lm = litellm()
+    with _quiet(lm):
+        return lm.completion(**kwargs)
 
 
 async def acomplete(kwargs: dict[str, Any]) -> Any:
     """One request on the running event loop."""
-    return await litellm().acompletion(**kwargs)
+    lm = litellm()
+    with _quiet(lm):
+        return await lm.acompletion(**kwargs)
 
 
 @dataclass(frozen=True)

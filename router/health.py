@@ -31,7 +31,8 @@ class Circuit:
     consecutive_failures: int = 0
     open_until: float = 0.0
     probe_started: float | None = None
-    window: deque[tuple[float, bool]] = field(default_factory=deque)  # (time, failed)
+    # Results per whole second, [second, requests, failures]: memory and work stay bounded by window_s.
+    window: deque[list[int]] = field(default_factory=deque)
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,13 @@ def record(c: Circuit, cfg: CircuitConfig, now: float, failed: bool | None, prob
         if probe and c.state == "half_open":
             c.probe_started = None  # let the next request probe instead
         return None
-    while c.window and now - c.window[0][0] > cfg.window_s:
+    second = int(now)
+    while c.window and second - c.window[0][0] >= cfg.window_s:
         c.window.popleft()
-    c.window.append((now, failed))
+    if not c.window or c.window[-1][0] != second:
+        c.window.append([second, 0, 0])
+    c.window[-1][1] += 1
+    c.window[-1][2] += failed
     if not failed:
         c.consecutive_failures = 0
         if c.state != "closed":
@@ -88,9 +93,11 @@ def record(c: Circuit, cfg: CircuitConfig, now: float, failed: bool | None, prob
 def _should_open(c: Circuit, cfg: CircuitConfig) -> bool:
     if c.consecutive_failures >= cfg.failure_threshold:
         return True
-    if cfg.failure_ratio is None or len(c.window) < cfg.min_requests:
+    if cfg.failure_ratio is None:
         return False
-    return sum(1 for _, f in c.window if f) / len(c.window) >= cfg.failure_ratio
+    requests = sum(b[1] for b in c.window)
+    failures = sum(b[2] for b in c.window)
+    return requests >= cfg.min_requests and failures / requests >= cfg.failure_ratio
 
 
 class CircuitStore(Protocol):
