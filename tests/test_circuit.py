@@ -24,9 +24,6 @@ from router.config import CircuitConfig
 from router.health import Admission, Circuit, MemoryCircuitStore, admit, record
 from router.sandbox import Received, Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 
 class FakeClock:
     """A monotonic clock that moves only when told to."""

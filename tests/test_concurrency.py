@@ -18,9 +18,6 @@ from prometheus_client import CollectorRegistry
 from router import Result
 from router.sandbox import Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 
 def check_all_answered(results: list[Result], up: Upstream, failures: int) -> None:
     """Every result succeeded and the upstream history accounts for exactly their attempts."""

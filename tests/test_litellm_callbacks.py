@@ -15,8 +15,6 @@ from conftest import MakeRouter
 from router import _litellm
 from router.sandbox import Reply, Upstream
 
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 
 class Seen:
     """Counts the success events a litellm CustomLogger receives."""

@@ -34,9 +34,6 @@ from router import (
 from router.config import DEFAULT_BUCKETS
 from router.sandbox import Received, Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 PROMPT = "zebra-quartz-7731 PROMPT that must never become a label"
 KEYS = (KEY_A, KEY_B, KEY_C)
 

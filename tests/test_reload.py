@@ -27,9 +27,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from router import AllTargetsFailedError, Result, Router
 from router.sandbox import Received, Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 DISABLED = "LLM_ROUTER_DISABLED_PROVIDERS"
 
 # `{chat}` is the alias's target list, `{a_extra}` more keys for provider a, `{serial}` makes each file unique.

@@ -40,9 +40,6 @@ from router import (
 )
 from router.sandbox import Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 KEYS = (KEY_A, KEY_B, KEY_C)
 
 

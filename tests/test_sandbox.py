@@ -24,7 +24,6 @@ litellm.suppress_debug_info = True
 
 # pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours, and
 # pyproject's filterwarnings=error would turn it into an exception inside litellm.completion().
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
 
 ROOT = Path(__file__).resolve().parents[1]
 MSGS = [{"role": "user", "content": "hello sandbox"}]

@@ -23,9 +23,6 @@ from prometheus_client import CollectorRegistry
 from router import AsyncStream, Attempt, Result, Router, Stream, StreamInterruptedError, Usage
 from router.sandbox import Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 TEXT = "one two three four five six seven eight"
 B_TEXT = "bravo answers the whole question"
 PRICE_A = (2.0, 8.0)  # USD per 1M input, output tokens

@@ -22,9 +22,6 @@ from pydantic import BaseModel, ValidationError
 from router import AllTargetsFailedError, Attempt, Router
 from router.sandbox import Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 SCHEMA_MODEL = "gpt-4o-mini"  # in litellm's model map with supports_response_schema
 
 CONFIG = f"""

@@ -28,9 +28,6 @@ from router.config import ApiKey, Target
 from router.policy import order_tier, order_tiers, plan_targets, static_skip
 from router.sandbox import Reply, Upstream
 
-# pydantic warns (UserWarning) while litellm builds its response models; it is theirs, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Item .* is using the .ReadOnly. qualifier:UserWarning")
-
 ROOT = Path(__file__).resolve().parents[1]
 KA1 = "sk-pool-one-1111111111aaaa"
 KA2 = "sk-pool-two-2222222222bbbb"
