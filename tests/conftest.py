@@ -39,8 +39,16 @@ providers:
 aliases:
   chat: {{targets: [a/model-a, b/model-b, c/model-c]}}
   single: {{targets: [a/model-a]}}
+{aliases}
 {extra}
 """
+
+
+def standard_config(aliases: str = "", extra: str = "") -> str:
+    """The STANDARD config text plus more aliases (lines indented under `aliases:`) and top-level YAML."""
+    return STANDARD.format(
+        aliases=textwrap.indent(textwrap.dedent(aliases).strip("\n"), "  "), extra=textwrap.dedent(extra)
+    )
 
 
 def standard_env() -> dict[str, str]:
@@ -103,7 +111,7 @@ def make_router(up: Upstream, registry: CollectorRegistry, sleeps: Sleeps) -> Ma
         **kwargs: Any,
     ) -> Router:
         if text is None:
-            text = STANDARD.format(extra=textwrap.dedent(extra))
+            text = standard_config(extra=extra)
         text = textwrap.dedent(text).replace("{UP}", up.url)
         cfg = parse_config(text, "test.yaml", env=standard_env() if env is None else env)
         if not real_sleep:

@@ -17,7 +17,7 @@ from unittest.mock import ANY
 
 import litellm
 import pytest
-from conftest import MakeRouter, Sleeps
+from conftest import MakeRouter, Sleeps, standard_config
 from prometheus_client import CollectorRegistry
 
 from router import AsyncStream, Attempt, Result, Router, Stream, StreamInterruptedError, Usage
@@ -29,25 +29,14 @@ PRICE_A = (2.0, 8.0)  # USD per 1M input, output tokens
 PRICE_B = (1.0, 4.0)
 FIRST_TOKEN_TIMEOUT_S = 0.3
 
-CONFIG = f"""
-version: 1
-defaults:
-  model: chat
-  timeout_s: 5
-  deadline_s: 20
-  retry: {{attempts: 2, backoff_s: 0.1, max_backoff_s: 2}}
-providers:
-  a: {{kind: openai, api_base: "{{UP}}/a/v1", api_key: "${{KEY_A}}"}}
-  b: {{kind: openai, api_base: "{{UP}}/b/v1", api_key: "${{KEY_B}}"}}
-  c: {{kind: openai, api_base: "{{UP}}/c/v1", api_key: "${{KEY_C}}"}}
-aliases:
-  chat: {{targets: [a/model-a, b/model-b, c/model-c]}}
-  single: {{targets: [a/model-a]}}
-  hasty: {{targets: [{{target: a/model-a, first_token_timeout_s: {FIRST_TOKEN_TIMEOUT_S}}}, b/model-b]}}
-pricing:
-  a/model-a: {{input_per_1m: {PRICE_A[0]}, output_per_1m: {PRICE_A[1]}}}
-  b/model-b: {{input_per_1m: {PRICE_B[0]}, output_per_1m: {PRICE_B[1]}}}
-"""
+CONFIG = standard_config(
+    aliases=f"hasty: {{targets: [{{target: a/model-a, first_token_timeout_s: {FIRST_TOKEN_TIMEOUT_S}}}, b/model-b]}}",
+    extra=f"""
+    pricing:
+      a/model-a: {{input_per_1m: {PRICE_A[0]}, output_per_1m: {PRICE_A[1]}}}
+      b/model-b: {{input_per_1m: {PRICE_B[0]}, output_per_1m: {PRICE_B[1]}}}
+    """,
+)
 
 PROMPT = "hello"
 SENT = [{"role": "user", "content": PROMPT}]  # the messages a prompt-only call sends

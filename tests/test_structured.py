@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import litellm
 import pytest
-from conftest import MakeRouter, Sleeps
+from conftest import MakeRouter, Sleeps, standard_config
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
@@ -24,22 +24,12 @@ from router.sandbox import Reply, Upstream
 
 SCHEMA_MODEL = "gpt-4o-mini"  # in litellm's model map with supports_response_schema
 
-CONFIG = f"""
-version: 1
-defaults:
-  model: chat
-  timeout_s: 5
-  deadline_s: 20
-  retry: {{attempts: 2, backoff_s: 0.1, max_backoff_s: 2}}
-providers:
-  a: {{kind: openai, api_base: "{{UP}}/a/v1", api_key: "${{KEY_A}}"}}
-  b: {{kind: openai, api_base: "{{UP}}/b/v1", api_key: "${{KEY_B}}"}}
-  c: {{kind: openai, api_base: "{{UP}}/c/v1", api_key: "${{KEY_C}}"}}
-aliases:
-  chat: {{targets: [a/model-a, b/model-b, c/model-c]}}
-  pair: {{targets: [a/model-a, b/model-b]}}
-  smart: {{targets: [a/{SCHEMA_MODEL}]}}
-"""
+CONFIG = standard_config(
+    aliases=f"""
+    pair: {{targets: [a/model-a, b/model-b]}}
+    smart: {{targets: [a/{SCHEMA_MODEL}]}}
+    """
+)
 
 PROMPT = "who wrote the first program?"
 
