@@ -51,6 +51,7 @@ def generate(
     key: str | None = None,
     stream: bool = False,
     response_format: Any = None,
+    tags: Mapping[str, str] | None = None,
     **params: Any,
 ) -> Any:
     """`Router.generate` on the default Router (see `default_router`): a `Result`, or a `Stream`."""
@@ -64,6 +65,7 @@ def generate(
         key=key,
         stream=stream,
         response_format=response_format,
+        tags=tags,
         **params,
     )
 
@@ -79,6 +81,7 @@ async def agenerate(
     key: str | None = None,
     stream: bool = False,
     response_format: Any = None,
+    tags: Mapping[str, str] | None = None,
     **params: Any,
 ) -> Any:
     """`Router.agenerate` on the default Router (see `default_router`): a `Result`, or an `AsyncStream`."""
@@ -92,6 +95,7 @@ async def agenerate(
         key=key,
         stream=stream,
         response_format=response_format,
+        tags=tags,
         **params,
     )
 

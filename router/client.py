@@ -22,6 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from .errors import (
     DeadlineExceededError,
     MissingCredentialsError,
     ProviderError,
+    RouterError,
     StreamInterruptedError,
     UnknownModelError,
     UnknownProviderError,
@@ -42,6 +44,7 @@ from .errors import (
     scrub,
 )
 from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
+from .hooks import AttemptReport, Call, Hook, Hooks, check_tags, config_hooks
 from .metrics import RouterMetrics
 from .policy import (
     TRANSIENT,
@@ -96,6 +99,15 @@ class _Stream:
 
 
 @dataclass(frozen=True)
+class _Run:
+    """The loop asks for a hook to be run (in a thread under agenerate() when it may block); sent its return
+    value, or the exception it raised."""
+
+    fn: Callable[[], Any]
+    blocking: bool = False
+
+
+@dataclass(frozen=True)
 class _Sleep:
     """The loop asks to wait before a retry."""
 
@@ -133,11 +145,12 @@ class _Plan:
     skipped: tuple[Skip, ...]
     deadline_s: float
     pinned_key: str | None
+    call: Call
     stream: bool = False
     fmt: Format | None = None
 
 
-_Step = _Send | _Sleep | _Stream
+_Step = _Send | _Sleep | _Stream | _Run
 _Loop = Generator[_Step, Any, Result]
 
 
@@ -147,7 +160,8 @@ class Router:
     ``Router(config, registry=...)`` or ``Router.from_yaml(path, watch=True)``. `registry` is the prometheus
     CollectorRegistry to record into (default: prometheus_client's global one); Routers on one registry
     share its metrics. `circuits` and `keys` are the stores of breaker and key-pool state (default: in this
-    process). `sleep`, `asleep`, `jitter` and `rng` (weighted tiers) are injectable so tests never wait.
+    process). `hooks` plug into each call's life (see `router.hooks`). `sleep`, `asleep`, `jitter` and `rng`
+    (weighted tiers) are injectable so tests never wait.
     """
 
     def __init__(
@@ -162,6 +176,7 @@ class Router:
         clock: Callable[[], float] = time.monotonic,
         circuits: CircuitStore | None = None,
         keys: KeyStore | None = None,
+        hooks: Sequence[Hook] = (),
     ) -> None:
         self.metrics = RouterMetrics.on(registry, config.metrics.namespace, config.metrics.buckets)
         self._sleep = sleep
@@ -171,6 +186,7 @@ class Router:
         self._clock = clock
         self._circuits: CircuitStore = circuits or MemoryCircuitStore()
         self._keys: KeyStore = keys or MemoryKeyStore()
+        self._hooks = Hooks([*config_hooks(config, self.metrics), *hooks])
         self._path: Path | None = None
         self._reload_lock = threading.Lock()
         self._watch_stop: threading.Event | None = None
@@ -241,10 +257,11 @@ class Router:
         thread.start()
 
     def close(self) -> None:
-        """Stop watching the config file."""
+        """Stop watching the config file and close the hooks (flushing what they hold)."""
         if self._watch_stop is not None:
             self._watch_stop.set()
             self._watch_stop = None
+        self._hooks.close()
 
     def install_sighup_handler(self) -> None:
         """Reload on SIGHUP (opt-in, for processes that own their signals; main thread only)."""
@@ -271,6 +288,7 @@ class Router:
         key: str | None = None,
         stream: bool = False,
         response_format: Any = None,
+        tags: Mapping[str, str] | None = None,
         **params: Any,
     ) -> Any:
         """Answer `prompt` (or `messages`) with the alias `model`, falling back over its targets in order.
@@ -281,11 +299,14 @@ class Router:
         JSON and puts the validated value in `Result.parsed`; a reply that does not validate is retried, then
         fallen back from. `system` is prepended unless the messages start with a system message. `provider`
         restricts the call to that provider's targets; `key` pins a named key of the providers' key pools.
+        `tags` (str to str, e.g. ``{"tenant": "acme"}``) go to the hooks (ledger, budgets), never to metrics.
         `timeout` bounds the whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm
         params (temperature, max_tokens, ...) and override the target's and the alias's. Raises a
         `RouterError` subclass when no target answers.
         """
-        plan = self._prepare(prompt, messages, model, system, provider, timeout, key, stream, response_format, params)
+        plan = self._prepare(
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params
+        )
         loop = self._attempts(plan)
         handed_over = False
         try:
@@ -297,6 +318,8 @@ class Router:
                 if isinstance(step, _Sleep):
                     self._sleep(step.seconds)
                     reply: Any = None
+                elif isinstance(step, _Run):
+                    reply = _run(step.fn)
                 else:
                     try:
                         reply = _litellm.open_stream(step.kwargs) if step.stream else _litellm.complete(step.kwargs)
@@ -321,10 +344,13 @@ class Router:
         key: str | None = None,
         stream: bool = False,
         response_format: Any = None,
+        tags: Mapping[str, str] | None = None,
         **params: Any,
     ) -> Any:
         """Async twin of `generate()`, for event loops; with `stream=True` it returns an `AsyncStream`."""
-        plan = self._prepare(prompt, messages, model, system, provider, timeout, key, stream, response_format, params)
+        plan = self._prepare(
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params
+        )
         loop = self._attempts(plan)
         handed_over = False
         try:
@@ -336,6 +362,8 @@ class Router:
                 if isinstance(step, _Sleep):
                     await self._asleep(step.seconds)
                     reply: Any = None
+                elif isinstance(step, _Run):
+                    reply = await asyncio.to_thread(_run, step.fn) if step.blocking else _run(step.fn)
                 else:
                     try:
                         if step.stream:
@@ -371,6 +399,7 @@ class Router:
         key: str | None,
         stream: bool,
         response_format: Any,
+        tags: Mapping[str, str] | None,
         params: dict[str, Any],
     ) -> _Plan:
         _litellm.litellm()  # the first call imports it: not inside any attempt's clock or the deadline
@@ -400,6 +429,7 @@ class Router:
         fmt = make_format(response_format)
         if fmt is not None and stream:
             raise TypeError("generate() takes stream=True or response_format=, not both")
+        call = Call.new(alias_name, msgs, params, check_tags(tags), stream)
         return _Plan(
             snap=snap,
             alias=alias_name,
@@ -407,20 +437,28 @@ class Router:
             skipped=tuple(skipped),
             deadline_s=timeout if timeout is not None else cfg.defaults.deadline_s,
             pinned_key=key,
+            call=call,
             stream=stream,
             fmt=fmt,
         )
 
     def _attempts(self, plan: _Plan) -> _Loop:
-        """The attempt loop: yields `_Send`/`_Sleep`, is sent the reply (a response or an exception)."""
-        m, alias, clock = self.metrics, plan.alias, self._clock
+        """The attempt loop: yields `_Send`/`_Sleep`/`_Run`, is sent the reply (a response or an exception)."""
+        m, alias, clock, hooks = self.metrics, plan.alias, self._clock, self._hooks
         start = clock()
         attempts: list[Attempt] = []
         skipped = list(plan.skipped)
         final = "cancelled"  # if the caller goes away mid-call (task cancelled, KeyboardInterrupt)
+        result: Result | None = None
+        error: BaseException | None = None
         held_open: list[tuple[float, Target, dict[str, Any]]] = []
         m.request_started(alias)
         try:
+            if hooks:
+                answered: Result | None = _raised((yield _Run(partial(hooks.call_started, plan.call), hooks.blocking)))
+                if answered is not None:
+                    final, result = "success", answered
+                    return answered
             for s in plan.skipped:
                 self._note_skip(alias, s)
             queue = list(plan.targets)
@@ -453,7 +491,8 @@ class Router:
                 if isinstance(outcome, Result):
                     final = "success"
                     self._skip_open(alias, skipped, held_open)
-                    return replace(outcome, skipped=tuple(skipped)) if skipped else outcome
+                    result = replace(outcome, skipped=tuple(skipped)) if skipped else outcome
+                    return result
                 failure, last_error = outcome
                 left = (target.provider, failure.outcome)
             self._skip_open(alias, skipped, held_open)
@@ -465,11 +504,19 @@ class Router:
                 raise MissingCredentialsError(alias, skipped)
             raise AllTargetsFailedError(alias, [], reason=f"no target is usable ({reason})", outcome=reason)
         except (ProviderError, AllTargetsFailedError, StreamInterruptedError) as exc:
-            final = exc.outcome
+            final, error = exc.outcome, exc
+            raise
+        except RouterError as exc:  # MissingCredentialsError, or a hook's refusal (e.g. a budget)
+            error = exc
+            said = getattr(exc, "outcome", None)
+            final = said if isinstance(said, str) else final if final != "cancelled" else "refused"
             raise
         finally:
             self._skip_open(alias, skipped, held_open)
             m.request_finished(alias, final, clock() - start)
+            if hooks:
+                plan.call.outcome = final
+                hooks.call_finished(plan.call, result, error)
 
     def _skip_open(
         self, alias: str, skipped: list[Skip], held_open: list[tuple[float, Target, dict[str, Any]]]
@@ -506,6 +553,9 @@ class Router:
             if plan.stream and target.first_token_timeout_s:
                 limit = min(limit, target.first_token_timeout_s)
             send = {**kwargs, "timeout": limit}
+            if self._hooks:
+                hook = partial(self._hooks.before_attempt, plan.call, target, send)
+                _raised((yield _Run(hook, self._hooks.blocking)))
             if key is not None:
                 send["api_key"] = key.secret.get_secret_value()
                 keys_tried.add(key.name)
@@ -514,10 +564,10 @@ class Router:
             try:
                 reply = yield _Send(send, plan.stream)
             except GeneratorExit:  # the caller went away mid-request: the attempt still counts
-                m.attempt(alias, target.provider, target.model, "cancelled", clock() - t0)
+                self._attempted(plan, target, "cancelled", clock() - t0, key)
                 raise
             if isinstance(reply, _litellm.StreamState):
-                return (yield from self._streamed(plan, start, target, send, reply, t0, probe, attempts))
+                return (yield from self._streamed(plan, start, target, send, reply, t0, probe, attempts, key))
             took = clock() - t0
             answer, parsed = None, None
             if not isinstance(reply, BaseException):
@@ -528,10 +578,9 @@ class Router:
                 except _litellm.InvalidResponse as exc:
                     answer, reply = None, exc
             if answer is not None:
-                m.attempt(alias, target.provider, target.model, "success", took)
-                attempts.append(Attempt(target.provider, target.model, "success", took))
-                self._record_health(target, False, probe)
                 cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
+                self._attempted(plan, target, "success", took, key, attempts, billed=(answer.usage, cost, source))
+                self._record_health(target, False, probe)
                 return Result(
                     text=answer.text,
                     alias=alias,
@@ -549,8 +598,7 @@ class Router:
             scrub(reply, plan.snap.secrets)
             failure = _litellm.classify_error(reply)
             error = redact(failure.message, plan.snap.secrets)
-            m.attempt(alias, target.provider, target.model, failure.outcome, took)
-            attempts.append(Attempt(target.provider, target.model, failure.outcome, took, error, failure.status_code))
+            self._attempted(plan, target, failure.outcome, took, key, attempts, error, failure.status_code)
 
             # In a key pool, a key refused (401/402) is benched, and a refused or rate-limited request goes
             # out again at once with the next key, before any retry or fallback.
@@ -602,6 +650,7 @@ class Router:
         t0: float,
         probe: bool,
         attempts: list[Attempt],
+        key: ApiKey | None,
     ) -> Generator[_Step, Any, Result]:
         """A stream past its first text: hand it to the caller, then account for it when it ends or breaks."""
         m, alias, clock = self.metrics, plan.alias, self._clock
@@ -610,16 +659,16 @@ class Router:
         try:
             yield _Stream(state)  # the caller reads the stream; we are resumed when it ends or breaks
         except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
-            m.attempt(alias, p, model, "cancelled", clock() - t0)
+            took = clock() - t0
             usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
-            self._bill(alias, target, usage, None)
+            cost, source = self._bill(alias, target, usage, None)
+            self._attempted(plan, target, "cancelled", took, key, billed=(usage, cost, source))
             raise
         took = clock() - t0
         usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
         cost, source = self._bill(alias, target, usage, state.provider_cost)
         if state.error is None and state.finished:
-            m.attempt(alias, p, model, "success", took)
-            attempts.append(Attempt(p, model, "success", took))
+            self._attempted(plan, target, "success", took, key, attempts, billed=(usage, cost, source))
             self._record_health(target, False, probe)
             return Result(
                 text=state.text,
@@ -639,12 +688,33 @@ class Router:
             error = redact(_litellm.classify_error(state.error).message, plan.snap.secrets)
         else:
             error = "the stream ended without a finish reason"
-        m.attempt(alias, p, model, "stream_interrupted", took)
+        self._attempted(plan, target, "stream_interrupted", took, key, attempts, error, billed=(usage, cost, source))
         m.interrupted(alias, p, model)
-        attempts.append(Attempt(p, model, "stream_interrupted", took, error))
         self._record_health(target, True, probe)
         log.warning("%s: stream from %s broke off after %d characters: %s", alias, target.key, len(state.text), error)
         raise StreamInterruptedError(alias, attempts, state.text, usage, cost) from state.error
+
+    def _attempted(
+        self,
+        plan: _Plan,
+        target: Target,
+        outcome: str,
+        took: float,
+        key: ApiKey | None,
+        attempts: list[Attempt] | None = None,
+        error: str | None = None,
+        status_code: int | None = None,
+        billed: tuple[Usage, float, CostSource] | None = None,
+    ) -> None:
+        """One request ended: count it, add it to the call's attempts, tell the hooks."""
+        self.metrics.attempt(plan.alias, target.provider, target.model, outcome, took)
+        attempt = Attempt(target.provider, target.model, outcome, took, error, status_code)
+        if attempts is not None:
+            attempts.append(attempt)
+        if self._hooks:
+            usage, cost, source = billed if billed is not None else (None, None, None)
+            report = AttemptReport(target, attempt, key.name if key is not None else None, usage, cost, source)
+            self._hooks.attempt_finished(plan.call, report)
 
     def _bill(self, alias: str, target: Target, usage: Usage, provider_cost: float | None) -> tuple[float, CostSource]:
         """Price a usage (config, provider-reported, litellm's map, unknown) and count its tokens and cost."""
@@ -681,6 +751,21 @@ class Router:
             self._warned_skips.add((s.provider, s.reason))
             need = " or ".join(s.env_vars) or "api_key"
             log.warning("provider %r skipped: %s is not set", s.provider, need)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Run a hook for the loop: its return value, or the exception it raised (the loop re-raises it)."""
+    try:
+        return fn()
+    except Exception as exc:
+        return exc
+
+
+def _raised(reply: Any) -> Any:
+    """A `_Run` reply: raise it if the hook raised, else hand it back."""
+    if isinstance(reply, BaseException):
+        raise reply
+    return reply
 
 
 def _request(

@@ -1,0 +1,188 @@
+"""The seam of a call's life: `Hook`s that the attempt loop calls at four fixed points.
+
+Every concern beyond routing itself (ledger, budgets, cache, tracing, ...) plugs in here, so the attempt loop
+in `client.py` stays the one place that decides and `Router` stays small. A call's life, as hooks see it::
+
+    call_started(call)                      once, before any request. May return a `Result` to answer the
+                                            call without a request (a cache hit), or raise a `RouterError`
+                                            to refuse it (a budget). Runs off the event loop when the hook
+                                            is `blocking`.
+    before_attempt(call, target, request)   before each request (retries and fallbacks included). May raise
+                                            a `RouterError` to stop the call. `blocking` as above.
+    attempt_finished(call, report)          after each request, however it ended (`AttemptReport`).
+    call_finished(call, result, error)      once, when the call ends: answered, raised or cancelled
+                                            (`call.outcome` says which).
+    close()                                 the Router is closed.
+
+The two after-hooks run on the caller's thread, in the loop, and may not block: hand I/O to a background
+writer. A hook that raises anything but a `RouterError` is logged and passed over: a broken plugin never
+fails a call.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import RouterError
+
+if TYPE_CHECKING:
+    from .config import RouterConfig, Target
+    from .metrics import RouterMetrics
+    from .types import Attempt, CostSource, Result, Usage
+
+log = logging.getLogger("router")
+
+_TAG_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+MAX_TAGS = 32
+MAX_TAG_VALUE = 256
+
+
+def check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
+    """Validate `generate(tags=...)`: at most 32 names of [A-Za-z0-9_.-] (1-64 chars) with str values."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise TypeError(f"tags must be a dict of str to str, not {type(tags).__name__}")
+    if len(tags) > MAX_TAGS:
+        raise ValueError(f"tags takes at most {MAX_TAGS} entries, not {len(tags)}")
+    out: dict[str, str] = {}
+    for name, value in tags.items():
+        if not isinstance(name, str) or not _TAG_NAME.match(name):
+            raise ValueError(f"tag name {name!r} must be 1-64 characters of letters, digits, '_', '.' or '-'")
+        if not isinstance(value, str):
+            raise TypeError(f"tag {name!r} must have a str value, not {type(value).__name__}")
+        if len(value) > MAX_TAG_VALUE:
+            raise ValueError(f"tag {name!r} is longer than {MAX_TAG_VALUE} characters")
+        out[name] = value
+    return out
+
+
+@dataclass
+class Call:
+    """One generate() call as hooks see it. `data` is scratch space: each hook keeps its own key in it."""
+
+    id: str
+    alias: str
+    messages: list[dict[str, Any]]
+    params: Mapping[str, Any]
+    tags: Mapping[str, str]
+    stream: bool
+    started_at: float  # unix time
+    outcome: str = "cancelled"  # set before call_finished: success or the final error outcome
+    data: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(
+        cls,
+        alias: str,
+        messages: list[dict[str, Any]],
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        stream: bool,
+    ) -> Call:
+        """A call starting now, with a fresh random id."""
+        return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time())
+
+
+@dataclass(frozen=True)
+class AttemptReport:
+    """One finished request: the target, how it ended, the key's name, and what it was billed if anything."""
+
+    target: Target
+    attempt: Attempt
+    key_name: str | None = None
+    usage: Usage | None = None  # set when the attempt was billed (an answer, or a stream cut after text)
+    cost_usd: float | None = None
+    cost_source: CostSource | None = None
+
+
+class Hook:
+    """A plugin on the call's life. Every method is a no-op here: override the ones you need."""
+
+    blocking = False  # True: call_started/before_attempt may do I/O, so agenerate() runs them in a thread
+
+    def call_started(self, call: Call) -> Result | None:
+        """A call is about to send its first request; return a Result to answer it without one."""
+        return None
+
+    def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        """A request is about to go to `target` with these litellm kwargs (no key in them)."""
+
+    def attempt_finished(self, call: Call, report: AttemptReport) -> None:
+        """A request ended (answered, failed or cancelled). Must not block."""
+
+    def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
+        """The call ended with `result`, or with `error`, or neither (cancelled). Must not block."""
+
+    def close(self) -> None:
+        """The Router is closed: flush and release what the hook holds."""
+
+
+class Hooks:
+    """The hooks of a Router, called in order. A hook's own bug is logged once per hook and method, not raised."""
+
+    def __init__(self, hooks: Sequence[Hook] = ()) -> None:
+        self.hooks = tuple(hooks)
+        self.blocking = any(h.blocking for h in self.hooks)
+        self._warned: set[tuple[int, str]] = set()
+
+    def __bool__(self) -> bool:
+        return bool(self.hooks)
+
+    def call_started(self, call: Call) -> Result | None:
+        """The first hook's Result that answers the call, or None."""
+        for h in self.hooks:
+            answer = self._guard(h, "call_started", h.call_started, call)
+            if answer is not None:
+                return answer  # type: ignore[no-any-return]
+        return None
+
+    def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        """Every hook's before_attempt; a RouterError from one stops the call."""
+        for h in self.hooks:
+            self._guard(h, "before_attempt", h.before_attempt, call, target, request)
+
+    def attempt_finished(self, call: Call, report: AttemptReport) -> None:
+        """Every hook's attempt_finished."""
+        for h in self.hooks:
+            self._guard(h, "attempt_finished", h.attempt_finished, call, report, swallow_all=True)
+
+    def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
+        """Every hook's call_finished."""
+        for h in self.hooks:
+            self._guard(h, "call_finished", h.call_finished, call, result, error, swallow_all=True)
+
+    def close(self) -> None:
+        """Close every hook."""
+        for h in self.hooks:
+            self._guard(h, "close", h.close, swallow_all=True)
+
+    def _guard(self, hook: Hook, name: str, fn: Callable[..., Any], *args: Any, swallow_all: bool = False) -> Any:
+        try:
+            return fn(*args)
+        except RouterError:
+            if swallow_all:
+                self._warn(hook, name)
+                return None
+            raise
+        except Exception:
+            self._warn(hook, name)
+            return None
+
+    def _warn(self, hook: Hook, name: str) -> None:
+        if (id(hook), name) not in self._warned:
+            self._warned.add((id(hook), name))
+            log.exception("hook %s.%s failed; the call goes on without it", type(hook).__name__, name)
+
+
+def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
+    """The hooks a config's own sections ask for, in the order they run; each concern's module is imported only
+    when its section is present. Hooks passed to `Router(hooks=...)` run after these."""
+    hooks: list[Hook] = []
+    return hooks
