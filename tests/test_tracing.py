@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -218,6 +219,22 @@ async def test_an_async_stream_closed_early_still_ends_its_spans(
     await stream.__anext__()
     await stream.aclose()
     check_cancelled(spans)
+
+
+@pytest.mark.asyncio
+async def test_a_call_cancelled_mid_request_ends_its_spans(
+    make_router: MakeRouter, up: Upstream, spans: InMemorySpanExporter
+) -> None:
+    r = make_router(extra=TRACED)
+    up.enqueue("a", Reply(text="late", delay_s=2))
+    task = asyncio.ensure_future(r.agenerate("hi", model="single"))
+    while not up.requests("a"):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    (attempt,) = attempt_spans(spans)
+    assert attrs(attempt)["llm_router.outcome"] == "cancelled" == attrs(call_span(spans))["llm_router.outcome"]
 
 
 def test_a_stream_cut_after_text_is_an_error_with_its_usage(
