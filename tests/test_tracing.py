@@ -391,7 +391,7 @@ _NO_OTEL = textwrap.dedent(
     from router.sandbox import Upstream, Reply
 
     with open("t.yaml", "w") as f:
-        f.write(os.environ["CONFIG"])
+        f.write(os.environ["CONFIG"].replace("{UP}", "http://127.0.0.1:9"))
     router.cli.main(["validate", "t.yaml"])
 
     with Upstream() as up:
