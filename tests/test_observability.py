@@ -16,7 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,29 +92,39 @@ class Traffic:
     registry: CollectorRegistry
     metrics_url: str
     calls: int = 0
+    unexpected: list[str] = field(default_factory=list)  # what broke the traffic, if anything did
 
 
 def _drive(r: Router, config: Path, good: str, stop: threading.Event, t: Traffic) -> None:
-    """Every kind of call, over and over: fallbacks, skips, an open breaker, streams, cut streams, reloads."""
+    """Rounds of traffic until stopped."""
     while not stop.is_set():
-        r.generate("hi")  # flaky answers 503: retried, fallen back from, then its circuit opens and is skipped
-        r.generate("hi", model="premium")  # premium's key is unset: skipped for no_credentials
-        r.generate("hi", model="free")  # no price anywhere: cost unknown
         try:
-            r.generate("hi", model="doomed")
-        except RouterError:
-            pass
-        "".join(r.generate("tell me", stream=True, key="team-b"))
-        try:
-            "".join(r.generate("tell me", model="story", stream=True))
-        except RouterError:  # cut after two chunks: StreamInterruptedError
-            pass
-        t.calls += 1
-        if t.calls % 3 == 0:
-            config.write_text("version: 1\nproviders: {}\n")
-            r.reload()  # rejected, counted as an error
-            config.write_text(good)
-            r.reload()
+            _round(r, config, good, t)
+        except Exception as exc:  # a broken round must show in the test, not kill the traffic
+            t.unexpected.append(repr(exc))
+            time.sleep(0.1)
+
+
+def _round(r: Router, config: Path, good: str, t: Traffic) -> None:
+    """One round of every kind of call: fallbacks, skips, an open breaker, streams, cut streams, reloads."""
+    r.generate("hi")  # flaky answers 503: retried, fallen back from, then its circuit opens and is skipped
+    r.generate("hi", model="premium")  # premium's key is unset: skipped for no_credentials
+    r.generate("hi", model="free")  # no price anywhere: cost unknown
+    try:
+        r.generate("hi", model="doomed")
+    except RouterError:
+        pass
+    "".join(r.generate("tell me", stream=True, key="team-b"))
+    try:
+        "".join(r.generate("tell me", model="story", stream=True))
+    except RouterError:  # cut after two chunks: StreamInterruptedError
+        pass
+    t.calls += 1
+    if t.calls % 3 == 0:
+        config.write_text("version: 1\nproviders: {}\n")
+        r.reload()  # rejected, counted as an error
+        config.write_text(good)
+        r.reload()
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +253,7 @@ def test_every_dashboard_panel_shows_data(prometheus: Prometheus, traffic: Traff
         if not empty or time.monotonic() > deadline:
             break
         time.sleep(1)
+    assert not traffic.unexpected
     assert not empty, f"after {traffic.calls} rounds of traffic, no data for:\n" + "\n".join(
         f"  {t}: {e}" for t, e in empty
     )
