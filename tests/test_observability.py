@@ -278,9 +278,15 @@ def test_the_alert_rules_load_and_evaluate_on_real_metrics(prometheus: Prometheu
     assert names == {rule["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for rule in g["rules"]}
     bad = {rule["name"]: rule.get("lastError") for rule in rules if rule["health"] != "ok"}
     assert not bad
-    # `doomed` never answers: the alias-down alert is pending (it fires only after its `for:`)
-    pending = {(a["labels"]["alertname"], a["labels"].get("alias")) for a in prometheus.get("/api/v1/alerts")["alerts"]}
-    assert ("LLMRouterAliasDown", "doomed") in pending
+    # `doomed` never answers: the alias-down alert goes pending (it fires only after its `for:`)
+    deadline = time.monotonic() + 30
+    while True:
+        alerts = prometheus.get("/api/v1/alerts")["alerts"]
+        pending = {(a["labels"]["alertname"], a["labels"].get("alias")) for a in alerts}
+        if ("LLMRouterAliasDown", "doomed") in pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert ("LLMRouterAliasDown", "doomed") in pending, prometheus.query('llm_router_requests_total{alias="doomed"}')
     assert ("LLMRouterAliasDown", "chat") not in pending
 
 
