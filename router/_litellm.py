@@ -230,6 +230,7 @@ class Answer:
     usage: Usage
     finish_reason: str | None
     provider_cost: float | None
+    model: str | None = None  # the model the provider says answered
 
 
 def read_response(response: Any) -> Answer:
@@ -249,6 +250,7 @@ def read_response(response: Any) -> Answer:
         usage=Usage(int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)),
         finish_reason=getattr(choices[0], "finish_reason", None),
         provider_cost=float(cost) if cost is not None else None,
+        model=getattr(response, "model", None) or None,
     )
 
 
@@ -283,6 +285,7 @@ class StreamState:
         self.usage: Usage | None = None
         self.provider_cost: float | None = None
         self.error: BaseException | None = None
+        self.model: str | None = None  # the model the provider says answered
 
     @property
     def text(self) -> str:
@@ -332,6 +335,8 @@ class StreamState:
         cost = (hidden.get("additional_headers") or {}).get(_PROVIDER_COST_KEY)
         if cost is not None:
             self.provider_cost = float(cost)
+        if self.model is None:
+            self.model = getattr(chunk, "model", None) or None
         choices = getattr(chunk, "choices", None) or ()
         if not choices:
             return ""

@@ -7,6 +7,7 @@ Exit codes: 0 fine, 1 the config or the call failed, 2 the command line is wrong
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -41,9 +42,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         n_targets = sum(len(cfg.targets(a)) for a in cfg.aliases)
         print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.aliases)} aliases, {n_targets} targets)")
-        for note in _credential_notes(cfg):
+        for note in _credential_notes(cfg) + _tracing_notes(cfg):
             _err(f"{path}: note: {note}")
     return 1 if failed else 0
+
+
+def _tracing_notes(cfg: RouterConfig) -> list[str]:
+    if cfg.tracing is None or not cfg.tracing.enabled:
+        return []
+    try:
+        missing = importlib.util.find_spec("opentelemetry.trace") is None
+    except ImportError:
+        missing = True
+    if missing:
+        return ["tracing is on but OpenTelemetry is not installed: pip install 'llm-router[otel]' (calls go untraced)"]
+    return []
 
 
 def _credential_notes(cfg: RouterConfig) -> list[str]:

@@ -579,7 +579,8 @@ class Router:
                     answer, reply = None, exc
             if answer is not None:
                 cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
-                self._attempted(plan, target, "success", took, key, attempts, billed=(answer.usage, cost, source))
+                billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
+                self._attempted(plan, target, "success", took, key, attempts, billed=billed, answered=answered)
                 self._record_health(target, False, probe)
                 return Result(
                     text=answer.text,
@@ -662,13 +663,15 @@ class Router:
             took = clock() - t0
             usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
             cost, source = self._bill(alias, target, usage, None)
-            self._attempted(plan, target, "cancelled", took, key, billed=(usage, cost, source))
+            answered = (state.model, state.finish_reason)
+            self._attempted(plan, target, "cancelled", took, key, billed=(usage, cost, source), answered=answered)
             raise
         took = clock() - t0
         usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
         cost, source = self._bill(alias, target, usage, state.provider_cost)
+        billed, answered = (usage, cost, source), (state.model, state.finish_reason)
         if state.error is None and state.finished:
-            self._attempted(plan, target, "success", took, key, attempts, billed=(usage, cost, source))
+            self._attempted(plan, target, "success", took, key, attempts, billed=billed, answered=answered)
             self._record_health(target, False, probe)
             return Result(
                 text=state.text,
@@ -688,7 +691,9 @@ class Router:
             error = redact(_litellm.classify_error(state.error).message, plan.snap.secrets)
         else:
             error = "the stream ended without a finish reason"
-        self._attempted(plan, target, "stream_interrupted", took, key, attempts, error, billed=(usage, cost, source))
+        self._attempted(
+            plan, target, "stream_interrupted", took, key, attempts, error, billed=billed, answered=answered
+        )
         m.interrupted(alias, p, model)
         self._record_health(target, True, probe)
         log.warning("%s: stream from %s broke off after %d characters: %s", alias, target.key, len(state.text), error)
@@ -705,15 +710,18 @@ class Router:
         error: str | None = None,
         status_code: int | None = None,
         billed: tuple[Usage, float, CostSource] | None = None,
+        answered: tuple[str | None, str | None] = (None, None),
     ) -> None:
-        """One request ended: count it, add it to the call's attempts, tell the hooks."""
+        """One request ended: count it, add it to the call's attempts, tell the hooks (`answered`: the response's
+        model and finish reason)."""
         self.metrics.attempt(plan.alias, target.provider, target.model, outcome, took)
         attempt = Attempt(target.provider, target.model, outcome, took, error, status_code)
         if attempts is not None:
             attempts.append(attempt)
         if self._hooks:
             usage, cost, source = billed if billed is not None else (None, None, None)
-            report = AttemptReport(target, attempt, key.name if key is not None else None, usage, cost, source)
+            name = key.name if key is not None else None
+            report = AttemptReport(target, attempt, name, usage, cost, source, *answered)
             self._hooks.attempt_finished(plan.call, report)
 
     def _bill(self, alias: str, target: Target, usage: Usage, provider_cost: float | None) -> tuple[float, CostSource]:

@@ -294,6 +294,18 @@ class MetricsConfig(_Model):
         return v
 
 
+# -- tracing --
+
+
+class TracingConfig(_Model):
+    """OpenTelemetry spans (needs the `otel` extra): one per call, a child per attempt, GenAI conventions."""
+
+    enabled: bool = Field(True, description="false: no spans (the section may stay, switched off).")
+    capture_content: bool = Field(
+        False, description="Record prompts and completions on the call span (gen_ai.input/output.messages)."
+    )
+
+
 class RouterConfig(_Model):
     """The whole config file."""
 
@@ -303,6 +315,7 @@ class RouterConfig(_Model):
     aliases: dict[str, AliasConfig] = Field(min_length=1)
     pricing: dict[str, PricingConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig | None = Field(None, description="OpenTelemetry traces (absent: none).")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")

@@ -100,6 +100,8 @@ class AttemptReport:
     usage: Usage | None = None  # set when the attempt was billed (an answer, or a stream cut after text)
     cost_usd: float | None = None
     cost_source: CostSource | None = None
+    response_model: str | None = None  # the model the provider says answered (when it answered)
+    finish_reason: str | None = None
 
 
 class Hook:
@@ -185,4 +187,16 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
     """The hooks a config's own sections ask for, in the order they run; each concern's module is imported only
     when its section is present. Hooks passed to `Router(hooks=...)` run after these."""
     hooks: list[Hook] = []
+    tracing = config.tracing
+    if tracing is not None and tracing.enabled:  # first, so its spans take in the other hooks' work
+        try:
+            from .tracing import TracingHook
+        except ImportError as exc:
+            if not (exc.name or "").startswith("opentelemetry"):
+                raise
+            log.warning(
+                "tracing is on in the config but OpenTelemetry is not installed: pip install 'llm-router[otel]'"
+            )
+        else:
+            hooks.append(TracingHook(tracing))
     return hooks
