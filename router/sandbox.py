@@ -9,6 +9,7 @@ provider)::
     POST /{route}/v1/chat/completions   (also /{route}/chat/completions)
     POST /{route}/v1/messages           (Anthropic)
     POST /{route}/.../models/{m}:generateContent, :streamGenerateContent   (Gemini: scripted raw replies only)
+    POST /{route}/api/generate, /{route}/api/chat                          (Ollama: scripted raw replies only)
 
 Tests script it like a fake upstream (``enqueue()`` replies per route, inspect
 ``history``); ``llm-router demo`` uses ``simulated_providers()`` as an offline
@@ -358,12 +359,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
         up._record(received)
 
-        if self.command == "POST" and rest in ("/v1/chat/completions", "/chat/completions"):
+        if self.command == "POST" and rest.endswith("/chat/completions"):  # Azure: /openai/deployments/{d}/...
             flavour = "openai"
         elif self.command == "POST" and rest in ("/v1/messages", "/messages"):
             flavour = "anthropic"
         elif self.command == "POST" and rest.endswith((":generateContent", ":streamGenerateContent")):
             flavour = "gemini"
+        elif self.command == "POST" and rest in ("/api/generate", "/api/chat"):
+            flavour = "ollama"
         else:
             self._send_json(
                 404,
