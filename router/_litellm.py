@@ -14,6 +14,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -557,10 +558,26 @@ async def _within(aw: Awaitable[Any], seconds: float) -> Any:
     """Await `aw` for at most `seconds` (asyncio.TimeoutError after). Not wait_for on 3.11+: it runs `aw` in a
     task of its own, and an aiohttp stream opened in one task and read in another loses its first chunk."""
     timeout = getattr(asyncio, "timeout", None)
-    if timeout is None:  # Python 3.10
-        return await asyncio.wait_for(aw, max(seconds, 0.0))
-    async with timeout(max(seconds, 0.0)):
+    if timeout is not None:
+        async with timeout(max(seconds, 0.0)):
+            return await aw
+    # Python 3.10: the same, by hand: cancel this task when the time is up, and say so as a TimeoutError.
+    task, fired = asyncio.current_task(), threading.Event()
+    assert task is not None
+
+    def fire() -> None:
+        fired.set()
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(max(seconds, 0.0), fire)
+    try:
         return await aw
+    except asyncio.CancelledError:
+        if fired.is_set():
+            raise asyncio.TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
 
 
 def _no_text(state: StreamState) -> InvalidResponse:
@@ -585,6 +602,7 @@ def open_stream(kwargs: dict[str, Any], limits: StreamLimits | None = None) -> S
     pump = _Pump(kwargs)
     state = StreamState(None, limits, started)
     state._pump = pump
+    weakref.finalize(state, pump.stop)  # a stream dropped unread is closed when collected, as before
     if not pump.opened.wait(max(state._wait(), 0.0)):
         pump.stop()
         raise state._timed_out()

@@ -11,9 +11,11 @@ the sandbox's own simulation understands them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -523,3 +525,25 @@ def test_params_a_fallback_target_does_not_take_are_dropped_and_logged(
 def _labels(r: Router, alias: str) -> dict[str, str]:
     t = r.config.targets(alias)[0]
     return {"alias": alias, "provider": t.provider, "model": t.model}
+
+
+@pytest.mark.parametrize("how", ["closed", "dropped"])
+def test_a_sync_stream_left_unread_stops_its_reader_thread(how: str, r: Router, up: Upstream) -> None:
+    up.enqueue("oa", recorded("openai", "stream.sse").reply(0.3))  # 2.4 s to the end if read out
+
+    stream = r.generate("hello", model="plain_openai", stream=True)
+    assert next(stream) == "A"
+    if how == "closed":
+        stream.close()
+    else:
+        del stream
+        gc.collect()
+
+    deadline = time.monotonic() + 1.2
+    while _readers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _readers() == []
+
+
+def _readers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "llm-router-stream" and t.is_alive()]
