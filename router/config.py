@@ -704,6 +704,8 @@ def config_schema() -> dict[str, Any]:
                     "target": short,
                     "weight": {"type": "number", "minimum": 0},
                     "params": {"type": "object"},
+                    "first_token_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                    "stream_idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
         ]
