@@ -89,6 +89,7 @@ class _Send:
 
     kwargs: dict[str, Any]
     stream: bool = False
+    limits: _litellm.StreamLimits | None = None  # a stream's time to first text, between texts, in all
 
 
 @dataclass(frozen=True)
@@ -322,7 +323,10 @@ class Router:
                     reply = _run(step.fn)
                 else:
                     try:
-                        reply = _litellm.open_stream(step.kwargs) if step.stream else _litellm.complete(step.kwargs)
+                        if step.stream:
+                            reply = _litellm.open_stream(step.kwargs, step.limits)
+                        else:
+                            reply = _litellm.complete(step.kwargs)
                     except Exception as exc:
                         reply = exc
                 step = loop.send(reply)
@@ -367,7 +371,7 @@ class Router:
                 else:
                     try:
                         if step.stream:
-                            reply = await _litellm.aopen_stream(step.kwargs)
+                            reply = await _litellm.aopen_stream(step.kwargs, step.limits)
                         else:
                             reply = await _litellm.acomplete(step.kwargs)
                     except Exception as exc:
@@ -550,8 +554,11 @@ class Router:
                 raise DeadlineExceededError(alias, attempts, plan.deadline_s)
             tries += 1
             limit = min(target.timeout_s, remaining)
-            if plan.stream and target.first_token_timeout_s:
-                limit = min(limit, target.first_token_timeout_s)
+            limits = None
+            if plan.stream:  # wall-clock bounds: keep-alives and empty deltas reset no timer
+                first = min(target.first_token_timeout_s or target.timeout_s, remaining)
+                idle = target.stream_idle_timeout_s or target.timeout_s
+                limits = _litellm.StreamLimits(first, idle, remaining)
             send = {**kwargs, "timeout": limit}
             if self._hooks:
                 hook = partial(self._hooks.before_attempt, plan.call, target, send)
@@ -562,7 +569,7 @@ class Router:
                 m.key_used(target.provider, key.name)
             t0 = clock()
             try:
-                reply = yield _Send(send, plan.stream)
+                reply = yield _Send(send, plan.stream, limits)
             except GeneratorExit:  # the caller went away mid-request: the attempt still counts
                 self._attempted(plan, target, "cancelled", clock() - t0, key)
                 raise
@@ -690,7 +697,7 @@ class Router:
             scrub(state.error, plan.snap.secrets)
             error = redact(_litellm.classify_error(state.error).message, plan.snap.secrets)
         else:
-            error = "the stream ended without a finish reason"
+            error = state.unfinished_reason
         self._attempted(
             plan, target, "stream_interrupted", took, key, attempts, error, billed=billed, answered=answered
         )
@@ -901,7 +908,7 @@ class Stream(_StreamBase):
             return self._pending.pop(0)
         while not self._done:
             try:
-                chunk = next(self._state.stream)
+                chunk = self._state.next_chunk()
             except StopIteration:
                 self._finish(None)
                 break
@@ -937,7 +944,7 @@ class AsyncStream(_StreamBase):
             return self._pending.pop(0)
         while not self._done:
             try:
-                chunk = await self._state.stream.__anext__()
+                chunk = await self._state.anext_chunk()
             except StopAsyncIteration:
                 self._finish(None)
                 break

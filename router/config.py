@@ -94,7 +94,14 @@ class DefaultsConfig(_Model):
     timeout_s: PositiveFloat = Field(30.0, description="Timeout of one attempt, in seconds.")
     deadline_s: PositiveFloat = Field(90.0, description="Bound on a whole generate() call, retries included.")
     first_token_timeout_s: PositiveFloat | None = Field(
-        None, description="Streaming: abandon a target that sends no text in this time (and stalls as long later)."
+        None,
+        description="Streaming: abandon a target whose first text has not come this long after the request, "
+        "whatever else came (keep-alives, reasoning, empty deltas); default timeout_s.",
+    )
+    stream_idle_timeout_s: PositiveFloat | None = Field(
+        None,
+        description="Streaming: end a stream with StreamInterruptedError when no text comes for this long after "
+        "its first (default timeout_s); deadline_s still bounds the whole stream.",
     )
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
@@ -198,6 +205,7 @@ class TargetConfig(_Model):
     params: dict[str, Any] = Field(default_factory=dict)
     weight: NonNegativeFloat = Field(1.0, description="Share of a tier's traffic (only in a tier).")
     first_token_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.first_token_timeout_s.")
+    stream_idle_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.stream_idle_timeout_s.")
 
     @model_validator(mode="before")
     @classmethod
@@ -355,6 +363,7 @@ class Target:
     pricing: PricingConfig | None = None
     weight: float = 1.0
     first_token_timeout_s: float | None = None
+    stream_idle_timeout_s: float | None = None
     enabled: bool = True
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     key: str = field(init=False)
@@ -644,6 +653,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         pricing=cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}"),
                         weight=t.weight,
                         first_token_timeout_s=t.first_token_timeout_s or d.first_token_timeout_s,
+                        stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
                         enabled=provider.enabled,
                         circuit=_circuit(d.circuit, provider.circuit),
                     )
@@ -707,6 +717,8 @@ def config_schema() -> dict[str, Any]:
                     "target": short,
                     "weight": {"type": "number", "minimum": 0},
                     "params": {"type": "object"},
+                    "first_token_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                    "stream_idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
         ]
