@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from . import _litellm, structured
-from .config import ApiKey, RouterConfig, Target, load_config
+from .config import MAX_CONFIG_BYTES, ApiKey, RouterConfig, Target, load_config
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -831,8 +831,9 @@ def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: 
         if r is None:
             return
         try:
-            changed = hashlib.sha256(path.read_bytes()).hexdigest() != r.config.sha256
-        except OSError:  # mid-replace, or removed: the next poll looks again
+            with open(path, "rb") as f:  # bounded: a file past the limit is for reload() to reject, not to hash
+                changed = hashlib.sha256(f.read(MAX_CONFIG_BYTES + 1)).hexdigest() != r.config.sha256
+        except OSError:  # mid-replace, removed, or a directory: the next poll looks again
             changed = False
         if changed:
             r.reload()
