@@ -531,6 +531,16 @@ class _Bounded(yaml.composer.Composer):
             raise _LimitError(line, f"the document holds over {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES)")
         return node
 
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+            # PyYAML's scalar constructors raise these for `!!int ""`, `0b_` or `!!bool maybe`
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise _LimitError(node.start_mark.line + 1, f"{node.value[:40]!r} is not a valid {tag}") from None
+
     def _count(self, line: int, size: tuple[int, int], what: str) -> None:
         values, levels = size
         self._total += values
@@ -872,7 +882,7 @@ def _read_bounded(p: Path) -> bytes:
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError([_too_big(str(p), len(raw))])
+        raise ConfigError([_too_big(str(p), None)])
     if stat.S_ISREG(after.st_mode) and (
         (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
         != (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
@@ -883,10 +893,10 @@ def _read_bounded(p: Path) -> bytes:
     return raw
 
 
-def _too_big(file: str, size: int) -> ConfigProblem:
-    return ConfigProblem(
-        file, None, "", f"is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit (MAX_CONFIG_BYTES)"
-    )
+def _too_big(file: str, size: int | None) -> ConfigProblem:
+    """`size` is None for a pipe or a device, whose size shows only in reading it."""
+    what = f"is {size:,} bytes, over" if size is not None else "holds more than"
+    return ConfigProblem(file, None, "", f"{what} the {MAX_CONFIG_BYTES:,}-byte limit (MAX_CONFIG_BYTES)")
 
 
 def config_schema() -> dict[str, Any]:
