@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hashlib
 import logging
 import os
 import random
@@ -29,7 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from . import _litellm, structured
-from .config import MAX_CONFIG_BYTES, ApiKey, RouterConfig, Target, load_config
+from .config import ApiKey, RouterConfig, Target, file_sha256, load_config
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -830,12 +829,8 @@ def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: 
         r = ref()
         if r is None:
             return
-        try:
-            with open(path, "rb") as f:  # bounded: a file past the limit is for reload() to reject, not to hash
-                changed = hashlib.sha256(f.read(MAX_CONFIG_BYTES + 1)).hexdigest() != r.config.sha256
-        except OSError:  # mid-replace, removed, or a directory: the next poll looks again
-            changed = False
-        if changed:
+        digest = file_sha256(path)  # None: mid-replace or removed, and the next poll looks again
+        if digest is not None and digest != r.config.sha256:
             r.reload()
         del r
 

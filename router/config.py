@@ -867,36 +867,70 @@ def _read_bounded(p: Path) -> bytes:
         return ConfigError([ConfigProblem(str(p), None, "", message)])
 
     try:
-        with open(p, "rb") as f:
-            before = os.fstat(f.fileno())
-            if stat.S_ISDIR(before.st_mode):
-                raise fail("is a directory, not a config file")
-            if before.st_size > MAX_CONFIG_BYTES:
-                raise ConfigError([_too_big(str(p), before.st_size)])
-            raw = f.read(MAX_CONFIG_BYTES + 1)  # a pipe or a device has no size to check first
-            after = os.fstat(f.fileno())
+        # O_NONBLOCK: opening a pipe that has no writer would otherwise wait for one, holding the reload lock
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise fail("config file not found") from None
-    except IsADirectoryError:
-        raise fail("is a directory, not a config file") from None
     except OSError as exc:
         raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
+    try:
+        before = os.fstat(fd)
+        if stat.S_ISDIR(before.st_mode):
+            raise fail("is a directory, not a config file")
+        if not stat.S_ISREG(before.st_mode):
+            raise fail("is not a regular file (a pipe, socket or device); point to the config file itself")
+        if before.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([_too_big(str(p), before.st_size)])
+        chunks: list[bytes] = []
+        left = MAX_CONFIG_BYTES + 1  # the file may have grown since fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
     if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError([_too_big(str(p), None)])
-    if stat.S_ISREG(after.st_mode) and (
-        (after.st_size, after.st_mtime_ns, after.st_ctime_ns)
-        != (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
-        or len(raw) != after.st_size
-    ):
+        raise ConfigError([_too_big(str(p), len(raw))])
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    ) or len(raw) != after.st_size:
         # Written in place while read (an editor that does not rename): the bytes may be half of each version.
         raise fail("changed while it was read; it is read again at its next change (or call reload())")
     return raw
 
 
-def _too_big(file: str, size: int | None) -> ConfigProblem:
-    """`size` is None for a pipe or a device, whose size shows only in reading it."""
-    what = f"is {size:,} bytes, over" if size is not None else "holds more than"
-    return ConfigProblem(file, None, "", f"{what} the {MAX_CONFIG_BYTES:,}-byte limit (MAX_CONFIG_BYTES)")
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """sha256 of the file's bytes as `load_config` would read them, for telling whether it changed; "" for
+    what is no regular file (load_config refuses it) and None when it cannot be opened. Never waits on a pipe."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return hashlib.sha256(f.read(MAX_CONFIG_BYTES + 1)).hexdigest()
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _too_big(file: str, size: int) -> ConfigProblem:
+    return ConfigProblem(
+        file, None, "", f"is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit (MAX_CONFIG_BYTES)"
+    )
 
 
 def config_schema() -> dict[str, Any]:
