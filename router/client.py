@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hashlib
 import logging
 import os
 import random
@@ -29,7 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from . import _litellm, structured
-from .config import ApiKey, RouterConfig, Target, load_config
+from .config import ApiKey, RouterConfig, Target, file_sha256, load_config
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -845,11 +844,8 @@ def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: 
         r = ref()
         if r is None:
             return
-        try:
-            changed = hashlib.sha256(path.read_bytes()).hexdigest() != r.config.sha256
-        except OSError:  # mid-replace, or removed: the next poll looks again
-            changed = False
-        if changed:
+        digest = file_sha256(path)  # None: mid-replace or removed, and the next poll looks again
+        if digest is not None and digest != r.config.sha256:
             r.reload()
         del r
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+import yaml.composer
+import yaml.constructor
+import yaml.resolver
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -50,7 +55,7 @@ DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RetryConfig(_Model):
@@ -203,7 +208,7 @@ class TargetConfig(_Model):
     provider: str
     model: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
-    weight: NonNegativeFloat = Field(1.0, description="Share of a tier's traffic (only in a tier).")
+    weight: NonNegativeFloat = Field(1.0, le=1e6, description="Share of a tier's traffic (only in a tier).")
     first_token_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.first_token_timeout_s.")
     stream_idle_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.stream_idle_timeout_s.")
 
@@ -261,10 +266,11 @@ class AliasConfig(_Model):
 class PricingConfig(_Model):
     """Price of a target in USD, per million tokens or per thousand tokens."""
 
-    input_per_1m: NonNegativeFloat | None = None
-    output_per_1m: NonNegativeFloat | None = None
-    input_per_1k: NonNegativeFloat | None = None
-    output_per_1k: NonNegativeFloat | None = None
+    # Bounded so that no usage can make a cost overflow to inf (the dearest models cost hundreds per 1M).
+    input_per_1m: NonNegativeFloat | None = Field(None, le=1e6)
+    output_per_1m: NonNegativeFloat | None = Field(None, le=1e6)
+    input_per_1k: NonNegativeFloat | None = Field(None, le=1e3)
+    output_per_1k: NonNegativeFloat | None = Field(None, le=1e3)
 
     @model_validator(mode="after")
     def _one_unit(self) -> PricingConfig:
@@ -435,11 +441,165 @@ def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str], lis
     return _VAR.sub(sub, value), used, unset
 
 
+def _bad_reference(value: str) -> str | None:
+    """The first `${` that is not a whole `${NAME}` or `${NAME:-default}` (a typo, or a nested default), if any.
+
+    Left as text it would be sent on as it is, as a key or a URL; an env var's value is never expanded again.
+    """
+    at = 0
+    for m in _VAR.finditer(value):
+        if "${" in value[at : m.start()]:
+            break
+        if m.group(2) is not None and "${" in m.group(2):
+            return m.group(0) + "}"
+        at = m.end()
+    start = value.find("${", at)
+    if start < 0:
+        return None
+    end = value.find("}", start)
+    return value[start : end + 1 if end >= 0 else start + 40]
+
+
 def _key_path(loc: Iterable[Any]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+# -- what a config file may cost to load: a bad file costs a ConfigError, never the process --
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+"""Largest config file read (4 MiB; a config with 10,000 aliases is under 1 MiB)."""
+MAX_CONFIG_NODES = 250_000
+"""Most values (every scalar, list and mapping) a file may hold once YAML aliases are expanded."""
+MAX_CONFIG_DEPTH = 64
+"""Deepest nesting of lists and mappings, aliases expanded (a real config nests under 10 levels)."""
+_too_deep = f"nested deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)"
+_MAX_INT_DIGITS = 30  # past this a YAML int is a typo, and int() of thousands of digits raises ValueError
+
+# JSON's types and nothing else: no tag may construct an object (PyYAML's safe tags include bytes, sets,
+# dates and ordered pairs, which the router would pass on to providers it cannot serialize them for).
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "merge")
+)
+
+
+class _LimitError(yaml.YAMLError):
+    """The document breaks a loading limit or uses a forbidden tag; raised while composing, before expansion."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class _Bounded(yaml.composer.Composer):
+    """A composer that counts what the document expands to while it composes the node graph.
+
+    Every node composed counts 1 and every alias the expanded size of the node it points at, so an alias
+    bomb is refused at the alias that crosses MAX_CONFIG_NODES, having cost no more than its own text.
+    """
+
+    # A date or `=` stays a string, as in JSON: `2024-08-06` is a model version, not a datetime.
+    yaml_implicit_resolvers = {  # noqa: RUF012 (PyYAML's own class attribute)
+        first: [(tag, rx) for tag, rx in resolvers if tag in _PLAIN_TAGS]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def _start_counting(self) -> None:
+        self._depth = 0  # lists and mappings open around the node being composed
+        self._total = 0  # values of the document so far, aliases expanded
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) of its expansion
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[attr-defined]
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise _LimitError(line, f"alias *{event.anchor} refers to itself: a config cannot contain itself")
+            self._count(line, size, f"alias *{event.anchor}")
+            return node
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag not in ("!", *_PLAIN_TAGS):
+            raise _LimitError(
+                line,
+                f"tag {tag.replace('tag:yaml.org,2002:', '!!')} is not allowed: a config holds only strings, "
+                "numbers, booleans, null, lists and mappings",
+            )
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            self._depth += 1
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _LimitError(line, _too_deep)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                self._depth -= 1
+        if node is None:
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > _MAX_INT_DIGITS:
+                raise _LimitError(line, f"integer of {len(node.value)} digits is too large")
+            size = (1, 0)
+        else:
+            children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else node.value
+            sizes = [self._sizes[id(c)] for c in children]
+            size = (1 + sum(n for n, _ in sizes), 1 + max((d for _, d in sizes), default=0))
+        self._sizes[id(node)] = size
+        self._total += 1
+        if self._total > MAX_CONFIG_NODES:
+            raise _LimitError(line, f"the document holds over {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES)")
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+            # PyYAML's scalar constructors raise these for `!!int ""`, `0b_` or `!!bool maybe`
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise _LimitError(node.start_mark.line + 1, f"{node.value[:40]!r} is not a valid {tag}") from None
+
+    def _count(self, line: int, size: tuple[int, int], what: str) -> None:
+        values, levels = size
+        self._total += values
+        if self._total > MAX_CONFIG_NODES:
+            raise _LimitError(
+                line,
+                f"{what} expands the document past {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES): "
+                "an alias bomb, or aliases nested too deep",
+            )
+        if self._depth + levels > MAX_CONFIG_DEPTH:
+            raise _LimitError(line, f"{what} nests deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)")
+
+
+class _PyLoader(_Bounded, yaml.SafeLoader):
+    """PyYAML's pure-Python safe loader, composing through `_Bounded`."""
+
+    def __init__(self, text: str) -> None:
+        yaml.SafeLoader.__init__(self, text)
+        self._start_counting()
+
+
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _CLoader(_Bounded, CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+        """libyaml parses (4x faster); composing, counting and constructing stay in Python, as in `_PyLoader`."""
+
+        def __init__(self, text: str) -> None:
+            CParser.__init__(self, text)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            self._start_counting()
+
+    _Loader: type[_PyLoader] | type[_CLoader] = _CLoader
+else:  # pragma: no cover - PyYAML built without libyaml
+    _Loader = _PyLoader
 
 
 class _Source:
@@ -450,15 +610,28 @@ class _Source:
         self.lines: dict[tuple[Any, ...], int] = {}
         self.problems: list[ConfigProblem] = []
         try:
-            loader = yaml.SafeLoader(text)
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a str that never was a file's text
+            at = text.count("\n", 0, exc.start) + 1
+            raise ConfigError([ConfigProblem(file, at, "", "holds a character that is not Unicode text")]) from None
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError([_too_big(file, size)])
+        try:
+            loader = _Loader(text)
             try:
                 node = loader.get_single_node()
+                if node is not None:  # before constructing: that flattens `<<` merges into the nodes
+                    self._walk(node, ())
                 self.data = loader.construct_document(node) if node is not None else None
             finally:
                 loader.dispose()
+        except _LimitError as exc:
+            raise ConfigError([ConfigProblem(file, exc.line, "", exc.message)]) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
+            if "maximum nesting depth" in str(exc.problem):  # libyaml's own bound, met while scanning ahead
+                raise ConfigError([ConfigProblem(file, line, "", _too_deep)]) from None
             what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
             bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
             if "${" in bad_line:
@@ -466,14 +639,16 @@ class _Source:
             raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {what}")]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {exc}")]) from None
-        if node is not None:
-            self._walk(node, ())
 
     def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
+            merged: list[yaml.Node] = []
             for k, v in node.value:
-                key = k.value
+                if k.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys count where not given here
+                    merged += v.value if isinstance(v, yaml.SequenceNode) else [v]
+                    continue
+                key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>"
                 if key in seen:
                     self.problem(
                         path + (key,), f"duplicate key (first defined on line {seen[key]})", k.start_mark.line + 1
@@ -481,6 +656,13 @@ class _Source:
                 seen.setdefault(key, k.start_mark.line + 1)
                 self.lines[path + (key,)] = k.start_mark.line + 1
                 self._walk(v, path + (key,))
+            for base in merged:
+                if isinstance(base, yaml.MappingNode):
+                    for k, v in base.value:
+                        key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>"
+                        if path + (key,) not in self.lines:
+                            self.lines[path + (key,)] = k.start_mark.line + 1
+                            self._walk(v, path + (key,))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.lines[path + (i,)] = item.start_mark.line + 1
@@ -516,7 +698,14 @@ def _interpolate_tree(
             return {k: walk(v, loc + (k,)) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v, loc + (i,)) for i, v in enumerate(x)]
+        if isinstance(x, float) and not math.isfinite(x):
+            src.problem(loc, "must be a finite number, not .inf or .nan")
+            return x
         if not isinstance(x, str) or "$" not in x:
+            return x
+        bad = _bad_reference(x)
+        if bad:
+            src.problem(loc, f"{bad!r} is not an env var reference: write ${{NAME}} or ${{NAME:-default}} ($$ for a $)")
             return x
         text, used, unset = interpolate(x, env)
         index = _key_index(loc)
@@ -678,25 +867,93 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
     `${VAR}` and `${VAR:-default}` are expanded from `env` (default: the process environment). An api_key whose
     variable is unset is allowed: its targets are skipped at call time. Raises `ConfigError` whose message has
-    one line per problem, ``FILE:LINE: key.path: what is wrong``.
+    one line per problem, ``FILE:LINE: key.path: what is wrong``, and nothing else, whatever the file holds:
+    it reads at most MAX_CONFIG_BYTES and refuses documents past MAX_CONFIG_NODES or MAX_CONFIG_DEPTH before
+    expanding them, so a live worker can reload any file.
     """
     p = Path(path)
+    raw = _read_bounded(p)
     try:
-        raw = p.read_bytes()
         text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError([ConfigProblem(str(p), None, "", "config file not found")]) from None
-    except IsADirectoryError:
-        raise ConfigError([ConfigProblem(str(p), None, "", "is a directory, not a config file")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigProblem(str(p), None, "", "is not UTF-8 text")]) from None
-    except OSError as exc:
-        raise ConfigError(
-            [ConfigProblem(str(p), None, "", f"cannot read: {exc.strerror or exc.__class__.__name__}")]
-        ) from None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([ConfigProblem(str(p), line, "", "is not UTF-8 text; save the file as UTF-8")]) from None
     cfg = parse_config(text, str(p), env)
     cfg._sha256 = hashlib.sha256(raw).hexdigest()  # the file's bytes, as sha256sum prints it
     return cfg
+
+
+def _read_bounded(p: Path) -> bytes:
+    """The file's bytes, at most MAX_CONFIG_BYTES of them, read from one open file so they are one version."""
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError([ConfigProblem(str(p), None, "", message)])
+
+    try:
+        # O_NONBLOCK: opening a pipe that has no writer would otherwise wait for one, holding the reload lock
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise fail("config file not found") from None
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
+    try:
+        before = os.fstat(fd)
+        if stat.S_ISDIR(before.st_mode):
+            raise fail("is a directory, not a config file")
+        if not stat.S_ISREG(before.st_mode):
+            raise fail("is not a regular file (a pipe, socket or device); point to the config file itself")
+        if before.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([_too_big(str(p), before.st_size)])
+        chunks: list[bytes] = []
+        left = MAX_CONFIG_BYTES + 1  # the file may have grown since fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_big(str(p), len(raw))])
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    ) or len(raw) != after.st_size:
+        # Written in place while read (an editor that does not rename): the bytes may be half of each version.
+        raise fail("changed while it was read; it is read again at its next change (or call reload())")
+    return raw
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """sha256 of the file's bytes as `load_config` would read them, for telling whether it changed; "" for
+    what is no regular file (load_config refuses it) and None when it cannot be opened. Never waits on a pipe."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return hashlib.sha256(f.read(MAX_CONFIG_BYTES + 1)).hexdigest()
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _too_big(file: str, size: int) -> ConfigProblem:
+    return ConfigProblem(
+        file, None, "", f"is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit (MAX_CONFIG_BYTES)"
+    )
 
 
 def config_schema() -> dict[str, Any]:
