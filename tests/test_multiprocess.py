@@ -47,9 +47,15 @@ defaults: {{model: chat, timeout_s: 30, deadline_s: 60, retry: {{attempts: 1}}}}
 providers:
   a: {{kind: openai, api_base: "{up}/mp-a/v1", api_key: "${{KEY_A}}"}}
   slow: {{kind: openai, api_base: "{up}/mp-slow/v1", api_key: "${{KEY_A}}"}}
+  flaky:
+    kind: openai
+    api_base: "{up}/mp-flaky/v1"
+    api_key: "${{KEY_A}}"
+    circuit: {{failure_threshold: 1, cooldown_s: 600}}
 aliases:
   chat: {{targets: [a/model-a]}}
   slow: {{targets: [slow/model-s]}}
+  flaky: {{targets: [flaky/model-f]}}
 {more}
 pricing:
   a/model-a: {{input_per_1m: 1.0, output_per_1m: 2.0}}
@@ -177,6 +183,15 @@ class Gunicorn:
         req = urllib.request.Request(f"{self.url}/generate", body, {"Content-Type": "application/json"})
         return json.loads(self._get(req))  # type: ignore[no-any-return]
 
+    def refused(self, prompt: str, model: str) -> dict[str, Any]:
+        """A call the app answers 502: the router raised (the error's type and message)."""
+        body = json.dumps({"prompt": prompt, "model": model}).encode()
+        req = urllib.request.Request(f"{self.url}/generate", body, {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(req, timeout=90)
+        assert exc.value.code == 502
+        return json.loads(exc.value.read())  # type: ignore[no-any-return]
+
     def scrape(self, url: str | None = None) -> Samples:
         return parse(self._get(urllib.request.Request(url or f"{self.url}/metrics")).decode())
 
@@ -276,7 +291,11 @@ def test_in_flight_sums_the_calls_under_way_in_all_workers(server: Gunicorn, up:
 def test_killed_workers_lose_no_counts_and_leave_no_in_flight(server: Gunicorn, up: Upstream) -> None:
     for i in range(8):
         server.generate(f"before {i}")
+    up.enqueue("mp-flaky", Reply(status=503))
+    assert server.refused("fails once", "flaky")["error"] == "AllTargetsFailedError"
+    flaky = {"provider": "flaky", "model": "model-f"}
     before = server.scrape()
+    assert value(before, "llm_router_circuit_state", **flaky) == 2  # open in the worker that saw it fail
     up.set_default("mp-slow", Reply(delay_s=15.0))
     threads, errors = _slow_calls(server, 2)
     during = server.wait_metrics(lambda s: value(s, "llm_router_in_flight", alias="slow") == 2)
@@ -292,6 +311,8 @@ def test_killed_workers_lose_no_counts_and_leave_no_in_flight(server: Gunicorn, 
 
     after = server.scrape()
     assert value(after, "llm_router_in_flight") == 0
+    assert [ls for ls in series(after, "llm_router_circuit_state") if ls["provider"] == "flaky"] == []  # died with it
+    assert value(after, "llm_router_circuit_transitions_total", to="open", **flaky) == 1  # counted for good
     for name in ("llm_router_requests_total", "llm_router_attempts_total", "llm_router_request_duration_seconds_count"):
         assert value(after, name, alias="chat") == value(before, name, alias="chat") > 0
     for i in range(8):
