@@ -379,3 +379,68 @@ def test_a_variable_set_too_late_is_reported_and_changes_nothing(
     assert reg.get_sample_value("llm_router_config_info", {"sha256": "newer"}) == 1
     assert reg.get_sample_value("llm_router_config_info", {"sha256": "new"}) is None
     assert not (tmp_path / "mp").exists()
+
+
+# -- the aggregation rules, on prometheus_client's real files, with two workers simulated in this process ----
+
+
+@pytest.fixture
+def as_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[int], None]]:
+    """as_worker(pid): what is recorded from now on goes to worker `pid`'s files, as after a fork to it."""
+    from prometheus_client import values
+
+    pid = [0]
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue(lambda: pid[0]))
+
+    def switch(to: int) -> None:
+        pid[0] = to
+
+    yield switch
+    values.close_all_multiprocess_files()
+
+
+def test_the_aggregate_sums_counts_of_all_and_gauges_of_live_workers(
+    as_worker: Callable[[int], None], tmp_path: Path
+) -> None:
+    as_worker(1001)
+    w1 = RouterMetrics(CollectorRegistry())
+    assert w1.multiprocess
+    w1.config_in_force("sha-old", None, 100.0)
+    for _ in range(5):
+        w1.request_started("chat")
+        w1.request_finished("chat", "success", 0.2)
+    w1.request_started("chat")
+    w1.request_started("chat")  # two calls under way when it dies
+    w1.circuit("a", "model-a", "open", 2, True)
+
+    as_worker(1002)  # another worker, started later, then reloaded
+    w2 = RouterMetrics(CollectorRegistry())
+    w2.config_in_force("sha-old", None, 200.0)
+    for _ in range(3):
+        w2.request_started("chat")
+        w2.request_finished("chat", "success", 0.2)
+    w2.request_started("chat")
+    w2.config_in_force("sha-new", "sha-old", 300.0)
+    time.sleep(0.01)
+    w2.circuit("a", "model-a", "closed", 0, True)  # its probe closed the circuit after the other worker opened it
+
+    reg = router.metrics_registry()
+    get = reg.get_sample_value
+    assert get("llm_router_requests_total", {"alias": "chat", "outcome": "success"}) == 8
+    assert get("llm_router_request_duration_seconds_count", {"alias": "chat", "outcome": "success"}) == 8
+    assert get("llm_router_in_flight", {"alias": "chat"}) == 3
+    assert get("llm_router_circuit_state", {"provider": "a", "model": "model-a"}) == 0  # the state recorded last
+    assert get("llm_router_config_info", {"sha256": "sha-old"}) == 1  # worker 1001 still has it in force
+    assert get("llm_router_config_info", {"sha256": "sha-new"}) == 1
+    assert get("llm_router_config_last_reload_timestamp_seconds") == 100  # not every worker has reloaded since
+
+    router.mark_process_dead(1001)
+    assert get("llm_router_requests_total", {"alias": "chat", "outcome": "success"}) == 8  # its counts stay
+    assert get("llm_router_circuit_transitions_total", {"provider": "a", "model": "model-a", "to": "open"}) == 1
+    assert get("llm_router_in_flight", {"alias": "chat"}) == 1  # its calls under way went with it
+    assert get("llm_router_config_info", {"sha256": "sha-old"}) is None  # no live worker has it in force
+    assert get("llm_router_config_info", {"sha256": "sha-new"}) == 1
+    assert get("llm_router_config_last_reload_timestamp_seconds") == 300
+    router.mark_process_dead(1001)  # twice: nothing left to drop
+    assert sorted(p.name for p in tmp_path.glob("*_1001.db")) == ["counter_1001.db", "histogram_1001.db"]
