@@ -9,6 +9,7 @@ loses no counts); the gauges count live workers only, so a worker marked dead (`
 gunicorn's `child_exit`) takes its in-flight calls, circuit states and config with it:
 
     in_flight                           livesum         calls under way in all live workers
+    worker_processes                    livesum         the live workers (1 each)
     circuit_state                       livemostrecent  the state a live worker recorded last
     config_info                         livemax         each sha256 that some live worker has in force
     config_last_reload_timestamp        livemin         every live worker has (re)loaded at or after this
@@ -150,6 +151,13 @@ class RouterMetrics:
             **kw,
         )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
+        self.worker_processes = Gauge(
+            "worker_processes",
+            "Live processes recording these metrics (more than you run: exited workers are not marked dead).",
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.worker_processes.set(1)
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
         weakref.WeakKeyDictionary()

@@ -258,6 +258,7 @@ def test_calls_spread_over_workers_add_up_exactly(server: Gunicorn, up: Upstream
         cost = grew(samples, before, "llm_router_cost_usd_total", alias="chat")
         assert cost == pytest.approx(sum(a["cost_usd"] for a in answers)) and cost > 0
         assert value(samples, "llm_router_in_flight", alias="chat") == 0
+        assert value(samples, "llm_router_worker_processes") == WORKERS
     assert len(up.requests("mp-a")) == n
 
 
@@ -310,6 +311,7 @@ def test_killed_workers_lose_no_counts_and_leave_no_in_flight(server: Gunicorn, 
     assert len(errors) == 2  # both calls died with their workers: never answered, so never counted
 
     after = server.scrape()
+    assert value(after, "llm_router_worker_processes") == WORKERS  # the new ones; the killed ones marked dead
     assert value(after, "llm_router_in_flight") == 0
     assert [ls for ls in series(after, "llm_router_circuit_state") if ls["provider"] == "flaky"] == []  # died with it
     assert value(after, "llm_router_circuit_transitions_total", to="open", **flaky) == 1  # counted for good
@@ -430,6 +432,7 @@ def test_the_aggregate_sums_counts_of_all_and_gauges_of_live_workers(
     assert get("llm_router_requests_total", {"alias": "chat", "outcome": "success"}) == 8
     assert get("llm_router_request_duration_seconds_count", {"alias": "chat", "outcome": "success"}) == 8
     assert get("llm_router_in_flight", {"alias": "chat"}) == 3
+    assert get("llm_router_worker_processes") == 2
     assert get("llm_router_circuit_state", {"provider": "a", "model": "model-a"}) == 0  # the state recorded last
     assert get("llm_router_config_info", {"sha256": "sha-old"}) == 1  # worker 1001 still has it in force
     assert get("llm_router_config_info", {"sha256": "sha-new"}) == 1
@@ -439,6 +442,7 @@ def test_the_aggregate_sums_counts_of_all_and_gauges_of_live_workers(
     assert get("llm_router_requests_total", {"alias": "chat", "outcome": "success"}) == 8  # its counts stay
     assert get("llm_router_circuit_transitions_total", {"provider": "a", "model": "model-a", "to": "open"}) == 1
     assert get("llm_router_in_flight", {"alias": "chat"}) == 1  # its calls under way went with it
+    assert get("llm_router_worker_processes") == 1
     assert get("llm_router_config_info", {"sha256": "sha-old"}) is None  # no live worker has it in force
     assert get("llm_router_config_info", {"sha256": "sha-new"}) == 1
     assert get("llm_router_config_last_reload_timestamp_seconds") == 300
