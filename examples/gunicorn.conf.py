@@ -2,9 +2,9 @@
 marked dead. Use it as is (`gunicorn -c examples/gunicorn.conf.py app:app`) or copy the hooks into yours.
 
 - PROMETHEUS_MULTIPROC_DIR must be in the environment before any worker imports prometheus_client: it is set
-  here, at the top of the config file, which gunicorn reads before it forks (or set it in the unit file / the
-  container's env). Each worker then writes its metrics to files in that directory, and /metrics (any worker's,
-  via `router.metrics_registry()`) serves their sum.
+  here, at the top of the config file, which gunicorn reads before it forks, unless the unit file or the
+  container's env sets it already (one directory per service). Each worker then writes its metrics to files
+  in that directory, and /metrics (any worker's, via `router.metrics_registry()`) serves their sum.
 - The directory is emptied when gunicorn starts: the counts of a previous run would be summed in otherwise
   (Prometheus sees a counter reset, as after any restart).
 - `child_exit` marks each exited worker dead, so its in-flight calls, circuit states and config leave the
@@ -20,7 +20,10 @@ import glob
 import os
 import tempfile
 
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", os.path.join(tempfile.gettempdir(), "llm-router-metrics"))
+# A fixed place from the unit file or the container's env; else a fresh one for this master (two services on
+# one host must never share one: each would empty and sum the other's).
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-router-metrics-")
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
