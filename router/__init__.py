@@ -5,7 +5,16 @@ res = router.generate("Write a haiku about queues", model="fast")
 print(res.text, res.provider, res.cost_usd)
 """
 
-from .api import agenerate, default_router, generate, set_default_router, start_metrics_server
+from .api import (
+    agenerate,
+    default_router,
+    generate,
+    mark_process_dead,
+    metrics_registry,
+    preload,
+    set_default_router,
+    start_metrics_server,
+)
 from .client import AsyncStream, Router, Stream
 from .config import RouterConfig, Target, config_schema, load_config, parse_config
 from .errors import (
@@ -50,7 +59,10 @@ __all__ = [
     "default_router",
     "generate",
     "load_config",
+    "mark_process_dead",
+    "metrics_registry",
     "parse_config",
+    "preload",
     "set_default_router",
     "start_metrics_server",
 ]

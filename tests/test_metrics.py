@@ -57,6 +57,7 @@ METRICS = {
     "config_reloads": "counter",
     "config_info": "gauge",
     "config_last_reload_timestamp_seconds": "gauge",
+    "worker_processes": "gauge",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 
