@@ -11,6 +11,7 @@ Shared records, in wall-clock (unix) time so that every host reads them alike::
     circuit  "provider/model"   -> (at, state "open" | "closed", until)   the latest change (by `at`) wins
     bench    (provider, key)    -> until                                  the latest `until` wins
 
+Hosts' clocks must agree (NTP) to well within a cooldown: an open circuit's end is shared as a unix time.
 Writes are conditional (an older change never overwrites a newer one), so a process that comes back from an
 outage can push what it did meanwhile without undoing what others did since. While the store cannot be
 reached, calls go on with local state: the outage is logged once, counted in `state_store_errors_total`,
@@ -105,6 +106,7 @@ class SharedState:
         self._records: dict[str, CircuitRecord] = {}  # per circuit, the record last applied or written here
         self.up: bool | None = None  # None: no exchange yet
         self.syncs = 0  # exchanges that worked, for tests and health checks
+        self.failures = 0  # exchanges that failed
         self._closed = False
         self._reset()
         _LIVE.add(self)
@@ -143,11 +145,12 @@ class SharedState:
             thread.join(timeout)
 
     def wait_synced(self, timeout: float = 5.0) -> bool:
-        """Block until one more exchange with the store has worked (for tests and readiness checks)."""
-        target = self.syncs + 1
+        """Block until one more exchange with the store has worked (for tests and readiness checks); False
+        if the store keeps failing, or on timeout."""
+        target, failed = self.syncs + 1, self.failures
         deadline = time.monotonic() + timeout
         while self.syncs < target:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self.failures > failed + 1:
                 return False
             self._wake.set()
             time.sleep(0.01)
@@ -243,6 +246,8 @@ class SharedState:
         if self._metrics is not None:
             self._metrics.state_store(self.backend, up, not up)
         was, self.up = self.up, up
+        if not up:
+            self.failures += 1
         if up:
             self.syncs += 1
             if was is False:

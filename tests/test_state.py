@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -466,3 +467,77 @@ def test_worker_processes_skip_a_target_and_a_key_another_process_found_bad(
     finally:
         for w in workers:
             w.close()
+
+
+FORKED = """
+import os, sys, time
+from router.config import CircuitConfig, StateConfig
+from router.state import shared_state
+
+state = shared_state(StateConfig(backend="sqlite", path=sys.argv[1], sync_s=0.05))
+assert state.wait_synced()  # the parent's thread and connection exist before the fork, as under gunicorn --preload
+cfg = CircuitConfig(failure_threshold=1, failure_ratio=None, cooldown_s=60)
+pid = os.fork()
+if pid == 0:  # a worker: its own thread and connection, started on first use
+    state.circuits.record("p/m", cfg, time.monotonic(), True, False)
+    state.close()
+    os._exit(0 if state.up else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+deadline = time.monotonic() + 1.0
+while state.circuits.peek("p/m")[0] != "open":
+    assert time.monotonic() < deadline, "the forked worker's open circuit did not reach the parent"
+    time.sleep(0.01)
+state.close()
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_state_made_before_a_fork_syncs_from_the_child(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", FORKED, str(tmp_path / "s.db")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_explain_shows_the_circuits_other_processes_opened(tmp_path: Path) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(textwrap.dedent(config_text("http://127.0.0.1:9", state_yaml("sqlite", tmp_path))))
+    cfg = parse_config(config.read_text(), str(config), env=standard_env())
+    elsewhere = shared_state(cfg.state)
+    try:
+        circuit = CircuitConfig(failure_threshold=1, failure_ratio=None, cooldown_s=600)
+        elsewhere.circuits.record("a/model-a", circuit, time.monotonic(), True, False)
+        assert elsewhere.wait_synced()
+    finally:
+        elsewhere.close()
+    code = "import sys, router.cli; sys.exit(router.cli.main(sys.argv[1:]))"
+    env = {**os.environ, **standard_env(), "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-c", code, "explain", str(config), "chat"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"1\. a/model-a .*\n +SKIPPED: circuit open for another 59\d\.\ds", proc.stdout), proc.stdout
+    assert re.search(r"2\. b/model-b .*\n +key from", proc.stdout), proc.stdout
+
+
+def test_a_reload_keeps_the_store_in_force_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "router.yaml"
+    config.write_text(textwrap.dedent(config_text("http://127.0.0.1:9", state_yaml("sqlite", tmp_path))))
+    for name, value in standard_env().items():
+        monkeypatch.setenv(name, value)
+    r = Router.from_yaml(config, registry=CollectorRegistry())
+    try:
+        state = r._state
+        assert state is not None and state.backend == "sqlite"
+        config.write_text(textwrap.dedent(config_text("http://127.0.0.1:9", "{backend: memory}")))
+        with caplog.at_level(logging.WARNING, logger="router"):
+            assert r.reload()
+        assert r._state is state and r._circuits is state.circuits
+        assert "the state section changes at restart only; keeping state.backend sqlite" in caplog.text
+    finally:
+        r.close()
