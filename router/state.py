@@ -6,6 +6,11 @@ process's changes as soon as they happen: a circuit opening (or its cooldown bei
 a key benched. Failure counting stays local; what is shared is the verdict. So once one worker opens a
 circuit, the others skip the target from their next pull on (within `sync_s` plus one exchange).
 
+The one exchange on a call's path: when a circuit's cooldown ends, the process about to send the half-open
+probe first claims it in the store (a compare-and-set that doubles as a lease of `cooldown_s`), so one probe
+goes out for the whole fleet, not one per worker; the others keep the target skipped until its verdict (or
+the lease's end). That is once per cooldown per target, and skipped while the store is known to be down.
+
 Shared records, in wall-clock (unix) time so that every host reads them alike::
 
     circuit  "provider/model"   -> (at, state "open" | "closed", until)   the latest change (by `at`) wins
@@ -72,6 +77,11 @@ class Backend(Protocol):
         """Every circuit record and every benched key."""
         ...
 
+    def claim(self, key: str, expect: CircuitRecord | None, rec: CircuitRecord) -> CircuitRecord | None:
+        """Write `rec` if the store's record of `key` is still `expect` (or it has none): None when written,
+        else the record found."""
+        ...
+
     def close(self) -> None:
         """Release the connection."""
         ...
@@ -119,6 +129,8 @@ class SharedState:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._claimers = threading.local()  # a connection per calling thread, for probe claims
+        self._claim_backends: list[Backend] = []
 
     def ensure(self) -> None:
         """Start this process's sync thread if it has none (first use, or first use after a fork)."""
@@ -143,6 +155,11 @@ class SharedState:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        with self.lock:
+            backends, self._claim_backends = self._claim_backends, []
+        for backend in backends:
+            with contextlib.suppress(Exception):
+                backend.close()
 
     def wait_synced(self, timeout: float = 5.0) -> bool:
         """Block until one more exchange with the store has worked (for tests and readiness checks); False
@@ -174,6 +191,38 @@ class SharedState:
         k = (provider, key)
         self._pending_b[k] = max(self._pending_b.get(k, 0.0), self._to_wall(until))
         self._wake.set()
+
+    def claim_probe(self, key: str, cooldown_s: float) -> CircuitRecord | None:
+        """This process is about to probe `key`: claim the probe for the whole fleet, in one exchange (once per
+        cooldown, not per call). None: go ahead (claimed, or the store is down: probe locally); else the
+        record another process wrote first (its own probe's lease, or a newer verdict)."""
+        if self.up is False:
+            return None
+        with self.lock:
+            last = self._records.get(key)
+            wall = self._wall()
+            rec = CircuitRecord("open", wall + cooldown_s, max(wall, last.at + 1e-6 if last else 0.0))
+        try:
+            backend = getattr(self._claimers, "backend", None)
+            if backend is None:
+                backend = self._claimers.backend = self._connect()
+                with self.lock:
+                    self._claim_backends.append(backend)
+            found = backend.claim(key, last, rec)
+        except Exception as exc:
+            if backend is not None:
+                with contextlib.suppress(Exception):
+                    backend.close()
+                with self.lock:
+                    if backend in self._claim_backends:
+                        self._claim_backends.remove(backend)
+            self._claimers.backend = None
+            self._status(False, exc)
+            return None
+        with self.lock:
+            if found is None:  # a lease: the others see the circuit open until it ends
+                self._records[key] = rec
+            return found
 
     # -- one exchange -----------------------------------------------------------------------------------------
 
@@ -234,13 +283,16 @@ class SharedState:
                 until = now + (until_wall - wall)
                 if until > bench.get(bk, 0.0) and until_wall > wall:
                     bench[bk] = until
-        if self._metrics is not None:
-            for key, state in changes:
-                provider, _, model = key.partition("/")
-                # The state this process now acts on; the transition was counted where it happened.
-                self._metrics.circuit(provider, model, state, STATE_VALUE[state], False)
         for key, state in changes:
-            log.info("circuit of %s is now %s (from the %s state store)", key, state, self.backend)
+            self.learnt(key, state)
+
+    def learnt(self, key: str, state: CircuitState) -> None:
+        """A circuit changed here because of what another process did: show it, count no transition."""
+        if self._metrics is not None:
+            provider, _, model = key.partition("/")
+            # The state this process now acts on; the transition was counted where it happened.
+            self._metrics.circuit(provider, model, state, STATE_VALUE[state], False)
+        log.info("circuit of %s is now %s (from the %s state store)", key, state, self.backend)
 
     def _status(self, up: bool, exc: BaseException | None = None) -> None:
         if self._metrics is not None:
@@ -315,8 +367,28 @@ class SharedCircuitStore(MemoryCircuitStore):
         self._shared = shared
 
     def admit(self, key: str, cfg: CircuitConfig, now: float) -> Admission:
-        """See `CircuitStore.admit`."""
-        self._shared.ensure()
+        """See `CircuitStore.admit`; the half-open probe is claimed fleet-wide, so one process sends it."""
+        shared = self._shared
+        shared.ensure()
+        for _ in range(3):
+            adm = super().admit(key, cfg, now)
+            if not adm.probe:
+                return adm
+            found = shared.claim_probe(key, cfg.cooldown_s)
+            if found is None:
+                return adm
+            # Another process probes (or has decided): take its record instead, and decide again.
+            wall = shared._wall()
+            with self._lock:
+                shared._records[key] = found
+                c = self._circuits.setdefault(key, Circuit())
+                if found.state == "open":
+                    c.state, c.open_until, c.probe_started = "open", now + (found.until - wall), None
+                else:
+                    c.state, c.probe_started, c.consecutive_failures = "closed", None, 0
+                    c.window.clear()
+            if found.state == "closed":
+                shared.learnt(key, "closed")
         return super().admit(key, cfg, now)
 
     def record(self, key: str, cfg: CircuitConfig, now: float, failed: bool | None, probe: bool) -> CircuitState | None:
@@ -365,7 +437,8 @@ class SqliteBackend:
     def __init__(self, path: str, prefix: str, timeout_s: float) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._prefix = prefix
-        self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None)
+        # One thread uses it at a time; another may close it (SharedState.close).
+        self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
             self._db.execute("PRAGMA journal_mode = WAL")
@@ -416,6 +489,27 @@ class SqliteBackend:
         }
         return circuits, benched
 
+    def claim(self, key: str, expect: CircuitRecord | None, rec: CircuitRecord) -> CircuitRecord | None:
+        """See `Backend.claim`."""
+        db, p = self._db, self._prefix
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT state, until, at FROM circuits WHERE prefix = ? AND key = ?", (p, key)).fetchone()
+            found = CircuitRecord(*row) if row else None
+            if found is None or found.at == (expect.at if expect else None):
+                db.execute(
+                    "INSERT INTO circuits VALUES (?, ?, ?, ?, ?) ON CONFLICT (prefix, key) DO UPDATE SET"
+                    " state = excluded.state, until = excluded.until, at = excluded.at",
+                    (p, key, rec.state, rec.until, rec.at),
+                )
+                found = None
+            db.execute("COMMIT")
+            return found
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         """See `Backend.close`."""
         self._db.close()
@@ -446,6 +540,17 @@ return 1
 """
 
 
+# KEYS: circuits hash. ARGV: field, the `at` expected (as written; "" for none), the new value.
+_CLAIM_LUA = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if (not cur) or string.match(cur, '^(%S+)') == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return ''
+end
+return cur
+"""
+
+
 class RedisBackend:
     """State in two Redis hashes under `prefix`: one round trip to push (a Lua script), one to pull."""
 
@@ -457,13 +562,14 @@ class RedisBackend:
         )
         self._keys = (f"{prefix}:circuits", f"{prefix}:benched")
         self._script = self._r.register_script(_PUSH_LUA)
+        self._claim = self._r.register_script(_CLAIM_LUA)
         self._r.ping()
 
     def push(self, circuits: Mapping[str, CircuitRecord], benched: Mapping[BenchKey, float]) -> None:
         """See `Backend.push`."""
         args: list[Any] = [len(circuits)]
         for k, r in circuits.items():
-            args += [k, repr(r.at), f"{r.at!r} {r.state} {r.until!r}"]
+            args += [k, repr(r.at), _value(r)]
         for bk, until in benched.items():
             args += [json.dumps(list(bk)), repr(until)]
         self._script(keys=list(self._keys), args=args)
@@ -474,20 +580,32 @@ class RedisBackend:
         pipe.hgetall(self._keys[0])
         pipe.hgetall(self._keys[1])
         raw_c, raw_b = pipe.execute()
-        circuits: dict[str, CircuitRecord] = {}
-        for k, v in raw_c.items():
-            at, state, until = v.split(" ")
-            if state in ("open", "closed"):
-                circuits[k] = CircuitRecord(state, float(until), float(at))
+        circuits = {k: r for k, v in raw_c.items() if (r := _record(v)) is not None}
         benched: dict[BenchKey, float] = {}
         for f, v in raw_b.items():
             provider, key = json.loads(f)
             benched[(provider, key)] = float(v)
         return circuits, benched
 
+    def claim(self, key: str, expect: CircuitRecord | None, rec: CircuitRecord) -> CircuitRecord | None:
+        """See `Backend.claim`."""
+        found = self._claim(keys=[self._keys[0]], args=[key, repr(expect.at) if expect else "", _value(rec)])
+        return _record(found) if found else None
+
     def close(self) -> None:
         """See `Backend.close`."""
         self._r.close()
+
+
+def _value(r: CircuitRecord) -> str:
+    return f"{r.at!r} {r.state} {r.until!r}"
+
+
+def _record(v: str) -> CircuitRecord | None:
+    at, state, until = v.split(" ")
+    if state not in ("open", "closed"):
+        return None
+    return CircuitRecord("open" if state == "open" else "closed", float(until), float(at))
 
 
 def redis_where(url: str) -> str:

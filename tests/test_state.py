@@ -29,6 +29,7 @@ from redis_server import RedisServer, free_port, require
 
 from router import ConfigError, Router, parse_config
 from router.config import CircuitConfig, StateConfig
+from router.health import Admission
 from router.sandbox import Reply, Upstream
 from router.state import CircuitRecord, RedisBackend, SqliteBackend, redis_where, shared_state
 
@@ -472,6 +473,7 @@ def test_worker_processes_skip_a_target_and_a_key_another_process_found_bad(
 FORKED = """
 import os, sys, time
 from router.config import CircuitConfig, StateConfig
+from router.health import Admission
 from router.state import shared_state
 
 state = shared_state(StateConfig(backend="sqlite", path=sys.argv[1], sync_s=0.05))
@@ -541,3 +543,50 @@ def test_a_reload_keeps_the_store_in_force_and_says_so(
         assert "the state section changes at restart only; keeping state.backend sqlite" in caplog.text
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_after_the_cooldown_one_process_probes_for_all(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = request.getfixturevalue("redis_url") if backend == "redis" else None
+    cfg = store_config(backend, tmp_path, url)
+    views = [shared_state(cfg) for _ in range(3)]
+    circuit = CircuitConfig(failure_threshold=1, failure_ratio=None, cooldown_s=0.3)
+    try:
+        assert views[0].circuits.record("p/m", circuit, time.monotonic(), True, False) == "open"
+        for v in views[1:]:
+            assert v.wait_synced() and v.wait_synced()
+            assert v.circuits.peek("p/m")[0] == "open"
+        time.sleep(0.35)
+        admissions = [v.circuits.admit("p/m", circuit, time.monotonic()) for v in views[::-1]]
+        assert [a.probe for a in admissions] == [True, False, False]  # the first to ask probes, for everyone
+        assert not any(a.allowed for a in admissions[1:])
+        assert admissions[1].open_until == pytest.approx(time.monotonic() + 0.3, abs=0.1)
+        # its probe succeeds: every process closes it
+        assert views[2].circuits.record("p/m", circuit, time.monotonic(), False, True) == "closed"
+        t0 = time.monotonic()
+        while any(v.circuits.peek("p/m")[0] != "closed" for v in views[:2]):
+            assert time.monotonic() - t0 < 1.0, "close not shared within 1 s"
+            time.sleep(0.01)
+        assert all(v.circuits.admit("p/m", circuit, time.monotonic()) == Admission(True) for v in views)
+    finally:
+        for v in views:
+            v.close()
+
+
+def test_a_probe_whose_lease_ran_out_is_claimed_by_another(tmp_path: Path) -> None:
+    cfg = store_config("sqlite", tmp_path, None)
+    a, b = shared_state(cfg), shared_state(cfg)
+    circuit = CircuitConfig(failure_threshold=1, failure_ratio=None, cooldown_s=0.2)
+    try:
+        a.circuits.record("p/m", circuit, time.monotonic(), True, False)
+        assert b.wait_synced() and b.wait_synced()
+        time.sleep(0.25)
+        assert a.circuits.admit("p/m", circuit, time.monotonic()).probe  # a's probe goes out, never to report back
+        assert not b.circuits.admit("p/m", circuit, time.monotonic()).allowed
+        time.sleep(0.25)
+        assert b.circuits.admit("p/m", circuit, time.monotonic()).probe
+    finally:
+        a.close()
+        b.close()
