@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         "calls_per_round": calls,
         "duration_s": time.monotonic() - t_start,
         "machine": machine(pinning),
+        "load_average": os.getloadavg(),  # other work on the machine: latency figures mean little when high
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "state.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{rounds} interleaved rounds × {calls} sequential calls per variant against the loopback upstream; "
         f"{'quick run, indicative only; ' if args.quick else ''}{res['meta']['machine']['cpu_model']}, "
-        f"{pinning}.",
+        f"{pinning}; load average at the end {res['meta']['load_average'][0]:.1f} "
+        f"on {res['meta']['machine']['cores']} cores.",
         "",
         "| store | mode | CPU per call | p50 | p99 |",
         "|---|---|---|---|---|",

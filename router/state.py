@@ -611,6 +611,8 @@ def _record(v: str) -> CircuitRecord | None:
 def redis_where(url: str) -> str:
     """host:port/db of a Redis URL, without its credentials: what logs may show."""
     u = urlsplit(url)
+    if u.scheme == "unix":
+        return u.path
     return f"{u.hostname or '?'}:{u.port or 6379}{u.path or ''}"
 
 

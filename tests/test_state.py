@@ -148,6 +148,8 @@ def test_redis_url_comes_from_the_environment_and_its_password_never_shows() -> 
     assert cfg.state.url is not None and cfg.state.url.get_secret_value() == url
     assert PASSWORD not in repr(cfg.state) and PASSWORD not in str(cfg.state)
     assert redis_where(url) == "10.0.0.7:6380/2"
+    assert redis_where(f"rediss://user:{PASSWORD}@cache.internal/0") == "cache.internal:6379/0"
+    assert redis_where(f"unix://:{PASSWORD}@/run/redis.sock") == "/run/redis.sock"
 
 
 # -- the stores, two processes' views of one store --------------------------------------------------------------
