@@ -78,11 +78,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .client import Router  # no litellm import: that waits for the first request
 
     r = Router(load_config(args.file), registry=CollectorRegistry())
-    if args.alias and args.alias not in r.config.aliases:
-        _err(f"llm-router: unknown alias {args.alias!r} (aliases: {', '.join(r.config.aliases)})")
-        return 1
-    print(r.explain(args.alias))
-    return 0
+    try:
+        if args.alias and args.alias not in r.config.aliases:
+            _err(f"llm-router: unknown alias {args.alias!r} (aliases: {', '.join(r.config.aliases)})")
+            return 1
+        state = r._state
+        if state is not None and not state.wait_synced(2 * state.sync_s + 2 * r.config.state.timeout_s + 1):
+            _err(f"llm-router: the {state.backend} state store at {state.where} did not answer: circuits as of now")
+        print(r.explain(args.alias))  # with a shared state: the fleet's circuits
+        return 0
+    finally:
+        r.close()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -42,7 +42,7 @@ from .errors import (
     redact,
     scrub,
 )
-from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
+from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore, shared_state
 from .hooks import AttemptReport, Call, Hook, Hooks, check_tags, config_hooks
 from .metrics import RouterMetrics
 from .policy import (
@@ -184,8 +184,10 @@ class Router:
         self._jitter = jitter
         self._rng = rng or random.Random()
         self._clock = clock
-        self._circuits: CircuitStore = circuits or MemoryCircuitStore()
-        self._keys: KeyStore = keys or MemoryKeyStore()
+        # config.state: breakers and benched keys shared with other workers and replicas, unless given here
+        self._state = shared_state(config.state, self.metrics, clock) if circuits is None or keys is None else None
+        self._circuits: CircuitStore = circuits or (self._state.circuits if self._state else MemoryCircuitStore())
+        self._keys: KeyStore = keys or (self._state.keys if self._state else MemoryKeyStore())
         self._hooks = Hooks([*config_hooks(config, self.metrics), *hooks])
         self._path: Path | None = None
         self._reload_lock = threading.Lock()
@@ -238,6 +240,8 @@ class Router:
             m = config.metrics
             if (m.namespace, tuple(m.buckets)) != (old.metrics.namespace, tuple(old.metrics.buckets)):
                 log.warning("metrics namespace and buckets change at restart only; keeping %r", old.metrics.namespace)
+            if config.state != old.state:
+                log.warning("the state section changes at restart only; keeping state.backend %s", old.state.backend)
             self._snap = _snapshot(config, os.environ)
             self.metrics.reload_result(True)
             self.metrics.config_in_force(config.sha256, old.sha256, time.time())
@@ -257,11 +261,13 @@ class Router:
         thread.start()
 
     def close(self) -> None:
-        """Stop watching the config file and close the hooks (flushing what they hold)."""
+        """Stop watching the config file, close the hooks (flushing what they hold) and the shared state store."""
         if self._watch_stop is not None:
             self._watch_stop.set()
             self._watch_stop = None
         self._hooks.close()
+        if self._state is not None:
+            self._state.close()
 
     def install_sighup_handler(self) -> None:
         """Reload on SIGHUP (opt-in, for processes that own their signals; main thread only)."""

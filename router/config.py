@@ -318,6 +318,34 @@ class TracingConfig(_Model):
     capture_content: bool = Field(
         False, description="Record prompts and completions on the call span (gen_ai.input/output.messages)."
     )
+# -- shared health state --
+
+
+class StateConfig(_Model):
+    """Where breaker and key-pool state lives: this process, a SQLite file for a host's workers, or Redis."""
+
+    backend: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="memory: each process its own; sqlite: every worker of a host; redis: a fleet."
+    )
+    path: str | None = Field(None, description="sqlite: the database file, on a local disk every worker sees.")
+    url: SecretStr | None = Field(None, description='redis: its URL, e.g. "${REDIS_URL}" (redis://host:6379/0).')
+    prefix: str = Field(
+        "llm-router", pattern=r"^[A-Za-z0-9_.:\-]+$", description="Name of this router's state in the store."
+    )
+    sync_s: float = Field(0.25, gt=0, le=5, description="How often each process refreshes its view of the store.")
+    timeout_s: PositiveFloat = Field(0.5, description="Bound on one exchange with the store.")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> StateConfig:
+        if self.backend == "sqlite" and not self.path:
+            raise ValueError("backend sqlite needs path: the database file")
+        if self.backend == "redis" and not (self.url and self.url.get_secret_value()):
+            raise ValueError('backend redis needs url, e.g. url: "${REDIS_URL}" (is the variable set?)')
+        if self.backend != "sqlite" and self.path is not None:
+            raise ValueError(f"path is for backend sqlite, not {self.backend}")
+        if self.backend != "redis" and self.url is not None:
+            raise ValueError(f"url is for backend redis, not {self.backend}")
+        return self
 
 
 class RouterConfig(_Model):
@@ -330,6 +358,7 @@ class RouterConfig(_Model):
     pricing: dict[str, PricingConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
     tracing: TracingConfig | None = Field(None, description="OpenTelemetry traces (absent: none).")
+    state: StateConfig = StateConfig()
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")

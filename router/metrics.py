@@ -158,6 +158,16 @@ class RouterMetrics:
             **kw,
         )
         self.worker_processes.set(1)
+        self.state_store_up = Gauge(
+            "state_store_up",
+            "1 while the shared health-state store (state.backend) answers, 0 while calls go on with local state.",
+            ["backend"],
+            multiprocess_mode="livemin",
+            **kw,
+        )
+        self.state_store_errors = Counter(
+            "state_store_errors_total", "Failed exchanges with the shared health-state store.", ["backend"], **kw
+        )
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
         weakref.WeakKeyDictionary()
@@ -240,6 +250,12 @@ class RouterMetrics:
         self.circuit_state.labels(provider, model).set(value)
         if transition:
             self.circuit_transitions.labels(provider, model, state).inc()
+
+    def state_store(self, backend: str, up: bool, failed: bool) -> None:
+        """The shared state store answered (`up`) or not; `failed`: count one failed exchange."""
+        self.state_store_up.labels(backend).set(1 if up else 0)
+        if failed:
+            self.state_store_errors.labels(backend).inc()
 
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""

@@ -58,6 +58,8 @@ METRICS = {
     "config_info": "gauge",
     "config_last_reload_timestamp_seconds": "gauge",
     "worker_processes": "gauge",
+    "state_store_up": "gauge",
+    "state_store_errors": "counter",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 
