@@ -10,6 +10,7 @@ from .client import AsyncStream, Router, Stream
 from .config import RouterConfig, Target, config_schema, load_config, parse_config
 from .errors import (
     AllTargetsFailedError,
+    BudgetExceededError,
     ConfigError,
     DeadlineExceededError,
     MissingCredentialsError,
@@ -21,6 +22,7 @@ from .errors import (
 )
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
+from .usage import query_usage
 
 __version__ = "0.1.0"
 
@@ -28,6 +30,7 @@ __all__ = [
     "AllTargetsFailedError",
     "AsyncStream",
     "Attempt",
+    "BudgetExceededError",
     "ConfigError",
     "DeadlineExceededError",
     "MissingCredentialsError",
@@ -51,6 +54,7 @@ __all__ = [
     "generate",
     "load_config",
     "parse_config",
+    "query_usage",
     "set_default_router",
     "start_metrics_server",
 ]

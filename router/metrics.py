@@ -107,6 +107,19 @@ class RouterMetrics:
             multiprocess_mode="max",
             **kw,
         )
+        self.budget_remaining_usd = Gauge(
+            "budget_remaining_usd",
+            "USD left in each budget's current period, as last settled (per-tag budgets: not reported).",
+            ["budget"],
+            multiprocess_mode="min",
+            **kw,
+        )
+        self.budget_rejections = Counter(
+            "budget_rejections_total",
+            "Requests a budget refused or rerouted before sending, by reason (limit, unpriced, unavailable).",
+            ["budget", "reason"],
+            **kw,
+        )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
@@ -190,6 +203,14 @@ class RouterMetrics:
         self.circuit_state.labels(provider, model).set(value)
         if transition:
             self.circuit_transitions.labels(provider, model, state).inc()
+
+    def budget_rejected(self, budget: str, reason: str) -> None:
+        """A budget refused (or rerouted) a request before it was sent."""
+        self.budget_rejections.labels(budget, reason).inc()
+
+    def budget_remaining(self, budget: str, usd: float) -> None:
+        """What is left of a budget's current period."""
+        self.budget_remaining_usd.labels(budget).set(usd)
 
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""
