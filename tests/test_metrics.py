@@ -57,6 +57,8 @@ METRICS = {
     "config_reloads": "counter",
     "config_info": "gauge",
     "config_last_reload_timestamp_seconds": "gauge",
+    "budget_remaining_usd": "gauge",
+    "budget_rejections": "counter",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 
