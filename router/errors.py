@@ -183,8 +183,8 @@ class BudgetExceededError(RouterError):
             msg = f"{of} cannot be checked: its database is unreachable (set if_unavailable: allow to pass calls)"
         else:
             msg = (
-                f"{of} is spent: ${spent_usd:.6f} of ${limit_usd:.6f} used or reserved, this call may cost up to "
-                f"${needed_usd:.6f} on {target}; it resets at {when}, or raise limit_usd"
+                f"{of} cannot cover this call: ${spent_usd:.6f} of ${limit_usd:.6f} is used or reserved and the "
+                f"call may cost up to ${needed_usd:.6f} on {target}; it resets at {when}, or raise limit_usd"
             )
         super().__init__(msg)
 
