@@ -120,6 +120,13 @@ class Spool:
     def append(self, rows: Sequence[Sequence[Any]]) -> None:
         """Add rows (fsynced: they outlive a crash)."""
         with self._locked() as f:
+            end = f.seek(0, os.SEEK_END)
+            if end:  # after a line torn by a crash, start a new one
+                f.seek(end - 1)
+                torn = f.read(1) != "\n"
+                f.seek(end)
+                if torn:
+                    f.write("\n")
             f.write("".join(json.dumps(list(r)) + "\n" for r in rows))
             f.flush()
             os.fsync(f.fileno())
@@ -135,7 +142,14 @@ class Spool:
         """Write every waiting row with `write`, then empty the file; on an error the file is kept whole."""
         with self._locked() as f:
             f.seek(0)
-            rows = [tuple(json.loads(line)) for line in f if line.strip()]
+            rows, torn = [], 0
+            for line in f:
+                try:
+                    rows.append(tuple(json.loads(line)))
+                except ValueError:  # a line torn by a crash mid-append: the rest of the spool is still good
+                    torn += line.strip() != ""
+            if torn:
+                log.error("ledger: %d torn line(s) in the spool %s were skipped", torn, self.path)
             for i in range(0, len(rows), batch):
                 write(rows[i : i + batch])
             f.truncate(0)
@@ -201,7 +215,10 @@ class Writer:
                 )
                 rows, self._rows = self._rows, []
                 stop, want = self._stop, self._flush_wanted
-            self._write(rows)
+            try:
+                self._write(rows)
+            except Exception:  # a bug must not end the writer: later rows still need it
+                log.exception("ledger: writing %d row(s) failed", len(rows))
             with self._cond:
                 self._flushed = want
                 self._cond.notify_all()

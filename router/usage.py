@@ -7,8 +7,6 @@ Group by any of: alias, provider, model, key, outcome, cost_source, rerouted_to,
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
@@ -203,6 +201,9 @@ def render(rows: Sequence[UsageRow], by: Sequence[str], fmt: str = "table") -> s
         )
     body = [[*("" if v is None else v for v in u.group.values()), *_values(u)] for u in rows]
     if fmt == "csv":
+        import csv
+        import io
+
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(head)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from router import BudgetExceededError, ConfigError, parse_config
 from router.budgets import input_token_bound, output_token_bound, period_bounds, scope_of
 from router.config import BudgetConfig, LedgerConfig, Target
+from router.hooks import Call, Hook, Reroute
 from router.sandbox import Reply, Upstream
 from router.store import SqliteStore, Store
 from router.usage import read_calls
@@ -348,3 +350,48 @@ def budget_spent(store: Store) -> int:
         store.close()
     assert row is not None
     return int(row[0])
+
+
+class RerouteOnce(Hook):
+    """A user hook on the seam: move every call off alias `chat` (to `single`)."""
+
+    def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        if target.provider == "a" and (call.rerouted_to or call.alias) == "chat":
+            raise Reroute("single", BudgetExceededError("seam", 0, 0, datetime.now(timezone.utc)))
+        if call.rerouted_to == "single":
+            raise Reroute("chat", BudgetExceededError("second", 0, 0, datetime.now(timezone.utc)))
+
+
+def test_a_reroute_re_plans_the_call_once(make_router: MakeRouter, up: Upstream) -> None:
+    r = make_router(hooks=[RerouteOnce()])
+    answer(up, "a")
+    with pytest.raises(BudgetExceededError) as info:  # rerouted to single, whose hook asks again: refused
+        r.generate("hi")
+    assert info.value.budget == "second" and not up.requests("a")
+
+
+def test_a_key_budget_counts_only_that_key(make_router: MakeRouter, up: Upstream, db: Path) -> None:
+    text = standard_config(extra=extra(db, "{name: team-a, key: team-a, period: day, limit_usd: 0.1}")).replace(
+        'api_key: "${KEY_A}"', 'api_key: [{name: team-a, key: "${KEY_A}"}, {name: team-b, key: "${KEY_B}"}]'
+    )
+    r = make_router(text)
+    answer(up)
+    r.generate("hi", model="single", key="team-a", max_tokens=100)
+    with pytest.raises(BudgetExceededError):
+        r.generate("hi", model="single", key="team-a", max_tokens=100)
+    assert r.generate("hi", model="single", key="team-b", max_tokens=100).text == "ok"
+    r.close()
+
+
+@pytest.mark.asyncio
+async def test_async_streams_reserve_and_settle_too(make_router: MakeRouter, up: Upstream, db: Path) -> None:
+    r = make_router(extra=extra(db, "{name: all, period: day, limit_usd: 0.2}"))
+    answer(up)
+    for _ in range(2):
+        stream = await r.agenerate("hi", stream=True, max_tokens=100)
+        assert "".join([d async for d in stream]) == "ok"
+        assert stream.result is not None and stream.result.cost_usd == pytest.approx(CALL)
+    with pytest.raises(BudgetExceededError):
+        await r.agenerate("hi", stream=True, max_tokens=100)
+    assert len(up.requests("a")) == 2
+    r.close()

@@ -140,6 +140,23 @@ def test_rows_wait_in_the_spool_while_the_database_is_down(
     assert spool.stat().st_size == 0
 
 
+def test_a_line_torn_by_a_crash_does_not_cost_the_rest_of_the_spool(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "later" / "ledger.sqlite3"
+    spool = tmp_path / "spool.jsonl"
+    r = make_router(extra=ledger_extra(db, spool=spool))
+    r.generate("hi", tags={"n": "0"})
+    r.close()
+    with spool.open("a") as f:
+        f.write('["0123abc", 17')  # a crash in the middle of an append
+    db.parent.mkdir()
+    r2 = make_router(extra=ledger_extra(db, spool=spool))
+    r2.generate("hi", tags={"n": "1"})
+    r2.close()
+    assert sorted(g["tags"]["n"] for g in rows(db)) == ["0", "1"]
+
+
 _CHILD = """
 import os, sys, time
 from router import Router
