@@ -219,7 +219,13 @@ class PostgresStore(Store):
     _json_mark = "CAST(? AS jsonb)"
 
     def __init__(self, dsn: str, max_size: int = 4, timeout_s: float = 5.0) -> None:
-        from psycopg_pool import ConnectionPool
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError:
+            from .errors import ConfigError, ConfigProblem
+
+            need = "a PostgreSQL ledger needs psycopg: pip install 'llm-router[postgres]'"
+            raise ConfigError([ConfigProblem("<config>", None, "ledger.dsn", need)]) from None
 
         self._timeout = timeout_s
         self._schema_ready = False

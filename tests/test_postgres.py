@@ -52,7 +52,8 @@ def test_a_postgres_restart_under_load_loses_no_row(
     ledger = ledger_of(r._hooks.hooks)
     assert ledger is not None
     up.route("a").set_default(Reply(text="ok", usage=(1, 1)))
-    made: list[str] = []
+    r.generate("warm-up", tags={"worker": "w", "n": "0"})  # litellm is imported before the load starts
+    made: list[str] = ["w-0"]
     failures: list[BaseException] = []
     stop = threading.Event()
 
@@ -74,7 +75,7 @@ def test_a_postgres_restart_under_load_loses_no_row(
         time.sleep(0.5)
         before = len(made)
         pg_server.stop()
-        time.sleep(1.5)
+        time.sleep(6.5)  # longer than the store's 5 s wait for a connection: batches go to the spool
         during = len(made) - before
         pg_server.start()
         time.sleep(1.0)
@@ -84,6 +85,10 @@ def test_a_postgres_restart_under_load_loses_no_row(
             t.join()
         if not pg_server_running(pg_server):
             pg_server.start()
+    deadline = time.monotonic() + 30
+    while ledger.writer.spool.pending() and time.monotonic() < deadline:  # the pool reconnects with a backoff
+        ledger.flush(10)
+        time.sleep(0.2)
     r.close()
     assert failures == []
     assert during > 0  # calls went on while the database was down
