@@ -276,6 +276,11 @@ def test_the_usage_command_prints_table_csv_and_json(
     assert main(["usage", "-c", str(cfg), "--since", "yesterday"]) == 1
     assert "neither a duration" in capsys.readouterr().err
 
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(cfg.read_text().split("\nledger:")[0] + "\n")
+    assert main(["usage", "-c", str(bare)]) == 1
+    assert "has no ledger: section" in capsys.readouterr().err
+
 
 def test_the_ledger_is_a_config_section(tmp_path: Path) -> None:
     from router import ConfigError, parse_config
