@@ -19,6 +19,7 @@ from .client import AsyncStream, Router, Stream
 from .config import RouterConfig, Target, config_schema, load_config, parse_config
 from .errors import (
     AllTargetsFailedError,
+    BudgetExceededError,
     ConfigError,
     DeadlineExceededError,
     MissingCredentialsError,
@@ -30,6 +31,7 @@ from .errors import (
 )
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
+from .usage import query_usage
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "AllTargetsFailedError",
     "AsyncStream",
     "Attempt",
+    "BudgetExceededError",
     "ConfigError",
     "DeadlineExceededError",
     "MissingCredentialsError",
@@ -63,6 +66,7 @@ __all__ = [
     "metrics_registry",
     "parse_config",
     "preload",
+    "query_usage",
     "set_default_router",
     "start_metrics_server",
 ]

@@ -663,3 +663,13 @@ def supports_schema(target: Target) -> bool:
         return bool(litellm().supports_response_schema(model=target.model, custom_llm_provider=target.kind))
     except Exception:  # a model litellm does not know
         return False
+
+
+def max_output_tokens(target: Target) -> int | None:
+    """The model's largest answer in tokens by litellm's model map; None when the model is not in it."""
+    try:
+        info = litellm().get_model_info(model=target.model, custom_llm_provider=target.kind)
+    except Exception:  # a model litellm does not know
+        return None
+    value = info.get("max_output_tokens") or info.get("max_tokens")
+    return int(value) if value else None

@@ -1,6 +1,6 @@
-"""The `llm-router` command: validate | explain | generate | demo | schema.
+"""The `llm-router` command: validate | explain | generate | usage | demo | schema.
 
-`validate`, `explain` and `schema` never import litellm, so they answer in well under a second.
+`validate`, `explain`, `usage` and `schema` never import litellm, so they answer in well under a second.
 Exit codes: 0 fine, 1 the config or the call failed, 2 the command line is wrong.
 """
 
@@ -115,6 +115,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Usage from the ledger over a time window, grouped by dimensions or tags."""
+    from .usage import query_usage, render
+
+    by = [b.strip() for b in (args.by or "").split(",") if b.strip()]
+    try:
+        rows = query_usage(args.config, since=args.since, until=args.until, by=by)
+    except ValueError as exc:
+        _err(f"llm-router usage: {exc}")
+        return 1
+    print(render(rows, by, args.format))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the offline demo on the simulated sandbox provider."""
     from .demo import run
@@ -164,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--temperature", type=float)
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("usage", help="calls, tokens and cost from the ledger, by time window and dimension or tag")
+    u.add_argument(
+        "-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)"
+    )
+    u.add_argument("--since", default="24h", help="24h, 30m, 7d, 2w or an ISO date/time in UTC (default: 24h)")
+    u.add_argument("--until", default=None, help="end of the window, same forms (default: now)")
+    u.add_argument(
+        "--by",
+        default="",
+        help="comma-separated: alias, provider, model, key, outcome, cost_source, day, hour, or tags",
+    )
+    u.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    u.set_defaults(func=cmd_usage)
 
     d = sub.add_parser("demo", help="offline demo on the simulated sandbox provider")
     d.add_argument("-c", "--config", default=None, help="sandbox config (default: the built-in config/sandbox.yaml)")

@@ -43,7 +43,7 @@ from .errors import (
     scrub,
 )
 from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore, shared_state
-from .hooks import AttemptReport, Call, Hook, Hooks, check_tags, config_hooks
+from .hooks import AttemptReport, Call, Hook, Hooks, Reroute, check_tags, config_hooks
 from .metrics import RouterMetrics
 from .policy import (
     TRANSIENT,
@@ -496,7 +496,17 @@ class Router:
                     continue
                 if left is not None:
                     m.fallback(alias, left[0], target.provider, left[1])
-                outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
+                try:
+                    outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
+                except Reroute as rr:  # a hook (a budget) moves the call to another alias, once
+                    if plan.call.rerouted_to is not None or rr.alias not in plan.snap.config.aliases:
+                        raise rr.instead from None
+                    log.warning("%s: rerouted to alias %r: %s", alias, rr.alias, rr.instead)
+                    plan.call.rerouted_to = rr.alias
+                    self._skip_open(alias, skipped, held_open)
+                    plan, left = self._replan(plan, rr.alias, skipped), None
+                    queue = list(plan.targets)
+                    continue
                 if isinstance(outcome, Result):
                     final = "success"
                     self._skip_open(alias, skipped, held_open)
@@ -526,6 +536,19 @@ class Router:
             if hooks:
                 plan.call.outcome = final
                 hooks.call_finished(plan.call, result, error)
+
+    def _replan(self, plan: _Plan, alias_name: str, skipped: list[Skip]) -> _Plan:
+        """The call's plan on another alias: its targets, the call's own messages and params (no key pinned)."""
+        cfg, call = plan.snap.config, plan.call
+        ordered = order_tiers(cfg.tiers(alias_name), self._rng.random)
+        usable, passed = plan_targets(ordered, None, plan.snap.disabled, None)
+        for s in passed:
+            self._skip(plan.alias, skipped, s)
+        alias = cfg.aliases[alias_name]
+        targets = tuple(
+            (t, _request(t, call.messages, merge_params(alias, t, call.params), plan.stream, plan.fmt)) for t in usable
+        )
+        return replace(plan, targets=targets, skipped=(), pinned_key=None)
 
     def _skip_open(
         self, alias: str, skipped: list[Skip], held_open: list[tuple[float, Target, dict[str, Any]]]
@@ -566,6 +589,7 @@ class Router:
                 limits = _litellm.StreamLimits(first, idle, remaining)
             send = {**kwargs, "timeout": limit}
             if self._hooks:
+                plan.call.key_name = key.name if key is not None else None
                 hook = partial(self._hooks.before_attempt, plan.call, target, send)
                 _raised((yield _Run(hook, self._hooks.blocking)))
             if key is not None:

@@ -318,6 +318,8 @@ class TracingConfig(_Model):
     capture_content: bool = Field(
         False, description="Record prompts and completions on the call span (gen_ai.input/output.messages)."
     )
+
+
 # -- shared health state --
 
 
@@ -347,6 +349,89 @@ class StateConfig(_Model):
             raise ValueError(f"url is for backend redis, not {self.backend}")
         return self
 
+# -- ledger and budgets --
+
+
+class LedgerConfig(_Model):
+    """Where every call is recorded: a SQLite file (`path`, the default) or PostgreSQL (`dsn`), written in batches."""
+
+    path: str | None = Field(None, description="SQLite file (default llm-router-ledger.sqlite3 when no dsn).")
+    dsn: SecretStr | None = Field(
+        None, description='PostgreSQL DSN, e.g. "${DATABASE_URL}" (needs llm-router[postgres]).'
+    )
+    flush_interval_s: PositiveFloat = Field(
+        1.0, description="Rows are written at least this often (a crash loses less)."
+    )
+    batch_size: PositiveInt = Field(500, description="At most this many rows per write.")
+    spool_path: str | None = Field(
+        None, description="Local file rows wait in while the database is down (default: next to the SQLite file or ./)."
+    )
+
+    @model_validator(mode="after")
+    def _one_database(self) -> LedgerConfig:
+        if self.path is not None and self.dsn is not None:
+            raise ValueError("give path (SQLite) or dsn (PostgreSQL), not both")
+        if self.dsn is not None and not self.dsn.get_secret_value():
+            raise ValueError("dsn is empty")
+        return self
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgres"]:
+        """Which database the ledger is in."""
+        return "postgres" if self.dsn is not None else "sqlite"
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file (SQLite backend)."""
+        return self.path or "llm-router-ledger.sqlite3"
+
+
+class BudgetConfig(_Model):
+    """A spend limit per calendar period (UTC) over the calls in its scope; every scope field given must match."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    period: Literal["hour", "day", "month"] = Field(description="Calendar-aligned in UTC: it resets on the hour, ...")
+    limit_usd: NonNegativeFloat
+    alias: str | None = Field(None, description="Scope: calls to this alias.")
+    provider: str | None = Field(None, description="Scope: requests to this provider.")
+    key: str | None = Field(None, description="Scope: requests with this named key.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Scope: calls with these tag values.")
+    per_tag: str | None = Field(
+        None, description="One limit for each value of this tag (calls without it: out of scope)."
+    )
+    fallback: str | None = Field(None, description="When reached: reroute the call to this alias instead of raising.")
+    unpriced: Literal["refuse", "allow"] = Field("refuse", description="A target with no known price: refuse or pass.")
+    if_unavailable: Literal["refuse", "allow"] = Field(
+        "refuse", description="The database is unreachable: refuse calls in scope, or let them through unchecked."
+    )
+
+
+def _check_budgets(cfg: RouterConfig, src: _Source) -> None:
+    seen: set[str] = set()
+    for i, b in enumerate(cfg.budgets):
+        loc: tuple[Any, ...] = ("budgets", i)
+        if b.name in seen:
+            src.problem(loc + ("name",), f"budget name {b.name!r} is used twice")
+        seen.add(b.name)
+        for name in filter(None, (b.alias, b.fallback)):
+            if name not in cfg.aliases:
+                field_name = "alias" if name == b.alias else "fallback"
+                src.problem(
+                    loc + (field_name,), f"alias {name!r} is not defined under aliases{_suggest(name, cfg.aliases)}"
+                )
+        if b.fallback is not None and b.fallback == b.alias:
+            src.problem(loc + ("fallback",), "falls back to the alias it limits")
+        if b.provider is not None and b.provider not in cfg.providers:
+            src.problem(
+                loc + ("provider",), f"provider {b.provider!r} is not defined{_suggest(b.provider, cfg.providers)}"
+            )
+        if b.key is not None:
+            names = {k.name for p in cfg.providers.values() for k in p.api_keys() if k.named}
+            if b.key not in names:
+                src.problem(loc + ("key",), f"no provider has a key named {b.key!r}{_suggest(b.key, names)}")
+    if cfg.budgets and cfg.ledger is None:
+        src.problem(("budgets",), "budgets keep their spend in the ledger's database: add a ledger: section")
+
 
 class RouterConfig(_Model):
     """The whole config file."""
@@ -359,6 +444,8 @@ class RouterConfig(_Model):
     metrics: MetricsConfig = MetricsConfig()
     tracing: TracingConfig | None = Field(None, description="OpenTelemetry traces (absent: none).")
     state: StateConfig = StateConfig()
+    ledger: LedgerConfig | None = Field(None, description="Record every call (SQLite file or PostgreSQL).")
+    budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits, checked before requests.")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
@@ -883,6 +970,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
         if key not in spelled:
             src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
     cfg._tiers = tiers
+    _check_budgets(cfg, src)
 
 
 def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:

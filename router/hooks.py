@@ -8,7 +8,9 @@ in `client.py` stays the one place that decides and `Router` stays small. A call
                                             to refuse it (a budget). Runs off the event loop when the hook
                                             is `blocking`.
     before_attempt(call, target, request)   before each request (retries and fallbacks included). May raise
-                                            a `RouterError` to stop the call. `blocking` as above.
+                                            a `RouterError` to stop the call, or `Reroute(alias, instead)`
+                                            to re-plan it, once, on another alias (a cheaper model).
+                                            `call.key_name` is the key it will use. `blocking` as above.
     attempt_finished(call, report)          after each request, however it ended (`AttemptReport`).
     call_finished(call, result, error)      once, when the call ends: answered, raised or cancelled
                                             (`call.outcome` says which).
@@ -76,6 +78,8 @@ class Call:
     started_at: float  # unix time
     outcome: str = "cancelled"  # set before call_finished: success or the final error outcome
     data: dict[str, Any] = field(default_factory=dict)
+    key_name: str | None = None  # the key of the request about to go out (before_attempt), never the secret
+    rerouted_to: str | None = None  # the alias a Reroute moved the call to
 
     @classmethod
     def new(
@@ -88,6 +92,16 @@ class Call:
     ) -> Call:
         """A call starting now, with a fresh random id."""
         return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time())
+
+
+class Reroute(RouterError):
+    """Raised by `before_attempt`: re-plan the call on `alias` (its targets replace what is left). A call is
+    rerouted once; a second Reroute, or an alias that does not exist, raises `instead`."""
+
+    def __init__(self, alias: str, instead: RouterError) -> None:
+        self.alias = alias
+        self.instead = instead
+        super().__init__(f"reroute to alias {alias!r}: {instead}")
 
 
 @dataclass(frozen=True)
@@ -199,4 +213,14 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
             )
         else:
             hooks.append(TracingHook(tracing))
+    if config.ledger is not None:
+        from .store import open_store
+
+        if config.budgets:
+            from .budgets import Budgets
+
+            hooks.append(Budgets(config, metrics, open_store(config.ledger)))
+        from .ledger import Ledger
+
+        hooks.append(Ledger(config.ledger))
     return hooks

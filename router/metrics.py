@@ -150,6 +150,19 @@ class RouterMetrics:
             multiprocess_mode="livemin",
             **kw,
         )
+        self.budget_remaining_usd = Gauge(
+            "budget_remaining_usd",
+            "USD left in each budget's current period, as last settled (per-tag budgets: not reported).",
+            ["budget"],
+            multiprocess_mode="livemin",
+            **kw,
+        )
+        self.budget_rejections = Counter(
+            "budget_rejections_total",
+            "Requests a budget refused or rerouted before sending, by reason (limit, unpriced, unavailable).",
+            ["budget", "reason"],
+            **kw,
+        )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
         self.worker_processes = Gauge(
             "worker_processes",
@@ -256,6 +269,13 @@ class RouterMetrics:
         self.state_store_up.labels(backend).set(1 if up else 0)
         if failed:
             self.state_store_errors.labels(backend).inc()
+    def budget_rejected(self, budget: str, reason: str) -> None:
+        """A budget refused (or rerouted) a request before it was sent."""
+        self.budget_rejections.labels(budget, reason).inc()
+
+    def budget_remaining(self, budget: str, usd: float) -> None:
+        """What is left of a budget's current period."""
+        self.budget_remaining_usd.labels(budget).set(usd)
 
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""
