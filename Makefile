@@ -29,11 +29,15 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
 	$(BIN)/python -m bench.state
+	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.tracing
 
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench --quick
 	$(BIN)/python -m bench.state --quick
+	$(BIN)/python -m bench.ledger --quick
+	$(BIN)/python -m bench.tracing --rounds 3 --calls 100
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
