@@ -2,45 +2,45 @@
 Django app, uvicorn workers for the FastAPI one), PROMETHEUS_MULTIPROC_DIR set, calling the loopback upstream
 of this test process. /metrics, whichever worker answers it, serves the sum over all of them; killed workers
 lose no counts and leave no in-flight calls behind; a reload that reached every worker shows only its sha256.
+Without `state:` (the memory backend) each worker finds a failing provider on its own: the control of
+tests/test_multiprocess_state.py, where the workers share that through SQLite or Redis.
 
 Without the variable nothing changes: the rest of the suite runs in one process without it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
-from conftest import KEY_A, MakeRouter
+from conftest import MakeRouter
+from gunicorn_server import (
+    APPS,
+    GUNICORN,
+    WORKERS,
+    Gunicorn,
+    Samples,
+    fail_until_open,
+    grew,
+    opened,
+    series,
+    spread,
+    value,
+)
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 import router
 from router.metrics import RouterMetrics
 from router.sandbox import Reply, Upstream
 
-ROOT = Path(__file__).resolve().parents[1]
-GUNICORN = Path(sys.executable).parent / "gunicorn"
-WORKERS = 4
-APPS = {
-    "wsgi": ("examples.django_app:application", "sync"),
-    "asgi": ("examples.fastapi_app:app", "uvicorn_worker.UvicornWorker"),
-}
 CONFIG = """
 version: 1
 defaults: {{model: chat, timeout_s: 30, deadline_s: 60, retry: {{attempts: 1}}}}
@@ -52,174 +52,20 @@ providers:
     api_base: "{up}/mp-flaky/v1"
     api_key: "${{KEY_A}}"
     circuit: {{failure_threshold: 1, cooldown_s: 600}}
+  down:
+    kind: openai
+    api_base: "{up}/mp-down/v1"
+    api_key: "${{KEY_A}}"
+    circuit: {{failure_threshold: 2, failure_ratio: null, cooldown_s: 600}}
 aliases:
   chat: {{targets: [a/model-a]}}
+  fallback: {{targets: [down/model-d, a/model-a]}}
   slow: {{targets: [slow/model-s]}}
   flaky: {{targets: [flaky/model-f]}}
 {more}
 pricing:
   a/model-a: {{input_per_1m: 1.0, output_per_1m: 2.0}}
 """
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse(text: str) -> Samples:
-    """Exposition text as {(sample name, labels): value}."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` whose labels include `labels` (0 when there is none)."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
-
-
-def grew(after: Samples, before: Samples, name: str, **labels: str) -> float:
-    return value(after, name, **labels) - value(before, name, **labels)
-
-
-def series(samples: Samples, name: str) -> list[dict[str, str]]:
-    return [dict(ls) for (n, ls), _ in samples.items() if n == name]
-
-
-class Gunicorn:
-    """A real gunicorn master with WORKERS workers serving one of the example apps on a loopback socket."""
-
-    def __init__(self, app: str, worker_class: str, workdir: Path, up: Upstream) -> None:
-        self.app, self.worker_class, self.workdir = app, worker_class, workdir
-        self.mp_dir = workdir / "metrics"
-        self.config = workdir / "router.yaml"
-        self.write_config(up.url)
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.sock.set_inheritable(True)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        probe = socket.socket()
-        probe.bind(("127.0.0.1", 0))
-        self.master_metrics_port = probe.getsockname()[1]
-        probe.close()
-        self.log = open(workdir / "gunicorn.log", "wb")  # noqa: SIM115  (closed in stop())
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def write_config(self, up_url: str, more: str = "") -> str:
-        text = CONFIG.format(up=up_url, more=more)
-        tmp = self.config.with_suffix(".tmp")
-        tmp.write_text(text)
-        tmp.replace(self.config)
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "PROMETHEUS_MULTIPROC_DIR": str(self.mp_dir),
-            "LLM_ROUTER_CONFIG": str(self.config),
-            "LLM_ROUTER_WATCH": "1",
-            "LLM_ROUTER_METRICS_PORT": str(self.master_metrics_port),
-            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-            "KEY_A": KEY_A,
-        }
-        fd = self.sock.fileno()
-        self.proc = subprocess.Popen(
-            [
-                str(GUNICORN),
-                "-c",
-                "examples/gunicorn.conf.py",
-                "--workers",
-                str(WORKERS),
-                "--worker-class",
-                self.worker_class,
-                "--bind",
-                f"fd://{fd}",
-                "--timeout",
-                "120",
-                "--no-control-socket",
-                self.app,
-            ],
-            cwd=ROOT,
-            env=env,
-            pass_fds=(fd,),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self.wait_workers()
-
-    def workers(self) -> list[int]:
-        assert self.proc is not None
-        try:
-            text = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-        except OSError:
-            return []
-        return [int(p) for p in text.split()]
-
-    def wait_workers(self, old: frozenset[int] = frozenset(), timeout: float = 60) -> list[int]:
-        """Wait for WORKERS workers not in `old` that have built their Router (their config is in the files)."""
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gunicorn exited:\n{self.output()}")
-            pids = self.workers()
-            if (
-                len(pids) == WORKERS
-                and not old & set(pids)
-                and all((self.mp_dir / f"gauge_livemax_{p}.db").exists() for p in pids)
-            ):
-                return pids
-            time.sleep(0.1)
-        raise AssertionError(f"{WORKERS} workers did not come up in {timeout}s:\n{self.output()}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return (self.workdir / "gunicorn.log").read_text(errors="replace")[-4000:]
-
-    def generate(self, prompt: str, model: str = "chat") -> dict[str, Any]:
-        body = json.dumps({"prompt": prompt, "model": model}).encode()
-        req = urllib.request.Request(f"{self.url}/generate", body, {"Content-Type": "application/json"})
-        return json.loads(self._get(req))  # type: ignore[no-any-return]
-
-    def refused(self, prompt: str, model: str) -> dict[str, Any]:
-        """A call the app answers 502: the router raised (the error's type and message)."""
-        body = json.dumps({"prompt": prompt, "model": model}).encode()
-        req = urllib.request.Request(f"{self.url}/generate", body, {"Content-Type": "application/json"})
-        with pytest.raises(urllib.error.HTTPError) as exc:
-            urllib.request.urlopen(req, timeout=90)
-        assert exc.value.code == 502
-        return json.loads(exc.value.read())  # type: ignore[no-any-return]
-
-    def scrape(self, url: str | None = None) -> Samples:
-        return parse(self._get(urllib.request.Request(url or f"{self.url}/metrics")).decode())
-
-    def _get(self, req: urllib.request.Request) -> bytes:
-        try:
-            with urllib.request.urlopen(req, timeout=90) as resp:
-                return resp.read()  # type: ignore[no-any-return]
-        except urllib.error.HTTPError as exc:
-            raise AssertionError(f"{req.full_url}: {exc.code} {exc.read()[:2000]!r}\n{self.output()}") from None
-
-    def wait_metrics(self, ok: Callable[[Samples], bool], timeout: float = 20) -> Samples:
-        deadline = time.monotonic() + timeout
-        while True:
-            samples = self.scrape()
-            if ok(samples) or time.monotonic() > deadline:
-                return samples
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.sock.close()
-        self.log.close()
 
 
 @pytest.fixture(scope="module", params=list(APPS))
@@ -229,7 +75,7 @@ def server(
     if not GUNICORN.exists():
         pytest.fail(f"{GUNICORN} is missing: `make install` installs gunicorn with the dev extra")
     app, worker_class = APPS[request.param]
-    g = Gunicorn(app, worker_class, tmp_path_factory.mktemp(f"gunicorn-{request.param}"), upstream)
+    g = Gunicorn(app, worker_class, tmp_path_factory.mktemp(f"gunicorn-{request.param}"), upstream, CONFIG)
     try:
         g.start()
         # Every worker's first call imports LiteLLM: pay for it here, and on all workers at once.
@@ -345,6 +191,24 @@ def test_a_reload_that_reached_every_worker_shows_only_the_new_sha(server: Gunic
     assert value(after, "llm_router_config_info", sha256=new_sha) == 1
     assert value(after, "llm_router_config_last_reload_timestamp_seconds") >= edited - 1  # every worker's is
     assert server.generate("on the new config", model="extra")["provider"] == "a"
+
+
+def test_without_a_shared_store_each_worker_finds_a_failing_provider_on_its_own(server: Gunicorn, up: Upstream) -> None:
+    """The control of tests/test_multiprocess_state.py's test on sqlite and redis: the same steps on the memory
+    backend (this config has no `state:`). Every worker sends down's requests until it has seen them fail."""
+    before = server.scrape()
+    fail_until_open(server, up, "mp-down", "fallback", "down")
+    mark = time.time()
+    time.sleep(1.0)  # what the shared backends are given to share the verdict
+    answers = spread(server, "after", "fallback")
+    assert {a["provider"] for a in answers} == {"a"}
+    after = server.scrape()
+    late = [r for r in up.requests("mp-down") if r.time > mark]
+    assert late, "the other workers sent no request to down: the shared-state test could not fail"
+    assert len(up.requests("mp-down")) >= 2 * WORKERS  # failure_threshold in each (more in an async one)
+    assert opened(after, "down") - opened(before, "down") == WORKERS  # each opened its own
+    skipped = grew(after, before, "llm_router_skipped_total", alias="fallback", provider="down", reason="circuit_open")
+    assert skipped == len(answers) - len(late)
 
 
 # -- in this process, without multiprocess mode -------------------------------------------------------------
