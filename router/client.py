@@ -289,6 +289,7 @@ class Router:
         stream: bool = False,
         response_format: Any = None,
         tags: Mapping[str, str] | None = None,
+        cache: bool = True,
         **params: Any,
     ) -> Any:
         """Answer `prompt` (or `messages`) with the alias `model`, falling back over its targets in order.
@@ -300,12 +301,13 @@ class Router:
         fallen back from. `system` is prepended unless the messages start with a system message. `provider`
         restricts the call to that provider's targets; `key` pins a named key of the providers' key pools.
         `tags` (str to str, e.g. ``{"tenant": "acme"}``) go to the hooks (ledger, budgets), never to metrics.
+        `cache=False` neither reads nor writes the response cache of an alias that has one.
         `timeout` bounds the whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm
         params (temperature, max_tokens, ...) and override the target's and the alias's. Raises a
         `RouterError` subclass when no target answers.
         """
         plan = self._prepare(
-            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params, cache
         )
         loop = self._attempts(plan)
         handed_over = False
@@ -327,7 +329,7 @@ class Router:
                         reply = exc
                 step = loop.send(reply)
         except StopIteration as done:
-            return done.value
+            return Stream.replay(done.value) if plan.stream else done.value  # a stream answered by a hook
         finally:
             if not handed_over:
                 loop.close()
@@ -345,11 +347,12 @@ class Router:
         stream: bool = False,
         response_format: Any = None,
         tags: Mapping[str, str] | None = None,
+        cache: bool = True,
         **params: Any,
     ) -> Any:
         """Async twin of `generate()`, for event loops; with `stream=True` it returns an `AsyncStream`."""
         plan = self._prepare(
-            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params, cache
         )
         loop = self._attempts(plan)
         handed_over = False
@@ -374,7 +377,7 @@ class Router:
                         reply = exc
                 step = loop.send(reply)
         except StopIteration as done:
-            return done.value
+            return AsyncStream.replay(done.value) if plan.stream else done.value
         finally:
             if not handed_over:
                 loop.close()
@@ -401,6 +404,7 @@ class Router:
         response_format: Any,
         tags: Mapping[str, str] | None,
         params: dict[str, Any],
+        cache: bool = True,
     ) -> _Plan:
         _litellm.litellm()  # the first call imports it: not inside any attempt's clock or the deadline
         snap = self._snap  # read once: the whole call runs on this config
@@ -429,11 +433,15 @@ class Router:
         fmt = make_format(response_format)
         if fmt is not None and stream:
             raise TypeError("generate() takes stream=True or response_format=, not both")
-        call = Call.new(alias_name, msgs, params, check_tags(tags), stream)
+        targets = tuple((t, _request(t, msgs, merge_params(alias, t, params), stream, fmt)) for t in usable)
+        call = Call.new(
+            alias_name, msgs, params, check_tags(tags), stream, config=cfg, requests=targets, response_format=fmt
+        )
+        call.cache = bool(cache)
         return _Plan(
             snap=snap,
             alias=alias_name,
-            targets=tuple((t, _request(t, msgs, merge_params(alias, t, params), stream, fmt)) for t in usable),
+            targets=targets,
             skipped=tuple(skipped),
             deadline_s=timeout if timeout is not None else cfg.defaults.deadline_s,
             pinned_key=key,
@@ -847,11 +855,36 @@ def _stat(path: Path) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+class _Ended:
+    """The exhausted source of a replayed stream, for both `Stream` and `AsyncStream`."""
+
+    received_finish_reason = "stop"
+
+    def __next__(self) -> Any:
+        raise StopIteration
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+
+def _pieces(text: str, size: int = 24) -> list[str]:
+    """`text` in deltas of about `size` characters, cut after spaces, that join back to it."""
+    out: list[str] = []
+    while len(text) > size:
+        cut = text.rfind(" ", 0, size) + 1 or size
+        out.append(text[:cut])
+        text = text[cut:]
+    if text:
+        out.append(text)
+    return out
+
+
 class _StreamBase:
     """What `Stream` and `AsyncStream` share: the text already read, and handing the end back to the loop."""
 
-    def __init__(self, loop: _Loop, state: _litellm.StreamState) -> None:
+    def __init__(self, loop: _Loop | None, state: _litellm.StreamState) -> None:
         self._loop = loop
+        self._answer: Result | None = None
         self._state = state
         self._pending = list(state.parts)  # the text read while deciding this target would do
         self._done = False
@@ -862,10 +895,23 @@ class _StreamBase:
         """The text received so far."""
         return self._state.text
 
+    @classmethod
+    def replay(cls, result: Result) -> Any:
+        """A stream of an answer already made (a cache hit): its text in pieces, `.result` set at the end."""
+        state = _litellm.StreamState(_Ended())
+        state.parts = _pieces(result.text)
+        state.finish_reason = result.finish_reason
+        stream = cls(None, state)
+        stream._answer = result
+        return stream
+
     def _finish(self, error: BaseException | None) -> None:
         # The loop accounts for the stream: it returns the Result, or raises StreamInterruptedError.
         self._done = True
         self._state.error = error
+        if self._loop is None:  # a replay: the call is already accounted for
+            self.result = self._answer
+            return
         try:
             self._loop.send(self._state)
         except StopIteration as done:
@@ -909,7 +955,8 @@ class Stream(_StreamBase):
         """Stop reading; the attempt and the call are counted as cancelled."""
         if self._abandon():
             self._state.close()
-            self._loop.close()
+            if self._loop is not None:
+                self._loop.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -945,7 +992,8 @@ class AsyncStream(_StreamBase):
         """Stop reading; the attempt and the call are counted as cancelled."""
         if self._abandon():
             await self._state.aclose()
-            self._loop.close()
+            if self._loop is not None:
+                self._loop.close()
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -230,6 +230,7 @@ class AliasConfig(_Model):
     )
     params: dict[str, Any] = Field(default_factory=dict, description="litellm params, e.g. temperature, max_tokens.")
     system: str | None = Field(None, description="System prompt prepended when the messages carry none.")
+    cache: AliasCacheConfig | None = Field(None, description="Answer repeated requests from the response cache.")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -294,6 +295,32 @@ class MetricsConfig(_Model):
         return v
 
 
+# -- response cache --
+
+
+class AliasCacheConfig(_Model):
+    """An alias's answers are cached: `cache: {ttl_s: 3600}`."""
+
+    ttl_s: PositiveFloat = Field(description="How long a cached answer is served, in seconds.")
+
+
+class CacheConfig(_Model):
+    """Where cached answers live: in this process (`memory`) or in a SQLite file shared by a host's workers."""
+
+    store: Literal["memory", "file"] = Field("memory", description="memory: this process; file: a SQLite file.")
+    path: str | None = Field(None, description="store: file: the SQLite file (created if missing).")
+    max_entries: PositiveInt = Field(10_000, description="Most answers kept; the least recently used go first.")
+    max_bytes: PositiveInt = Field(64 * 1024 * 1024, description="Most bytes of answers kept.")
+
+    @model_validator(mode="after")
+    def _file_has_path(self) -> CacheConfig:
+        if self.store == "file" and not self.path:
+            raise ValueError("store: file needs a path (e.g. /var/cache/llm-router/cache.sqlite)")
+        if self.store == "memory" and self.path is not None:
+            raise ValueError("path is only for store: file")
+        return self
+
+
 class RouterConfig(_Model):
     """The whole config file."""
 
@@ -303,6 +330,7 @@ class RouterConfig(_Model):
     aliases: dict[str, AliasConfig] = Field(min_length=1)
     pricing: dict[str, PricingConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    cache: CacheConfig | None = Field(None, description="The response cache's store (default: in this process).")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")

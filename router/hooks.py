@@ -34,6 +34,7 @@ from .errors import RouterError
 if TYPE_CHECKING:
     from .config import RouterConfig, Target
     from .metrics import RouterMetrics
+    from .structured import Format
     from .types import Attempt, CostSource, Result, Usage
 
 log = logging.getLogger("router")
@@ -76,6 +77,11 @@ class Call:
     started_at: float  # unix time
     outcome: str = "cancelled"  # set before call_finished: success or the final error outcome
     data: dict[str, Any] = field(default_factory=dict)
+    config: RouterConfig | None = None  # the config the call runs on (a reload does not change it mid-call)
+    # The usable targets in try order, each with the litellm kwargs it would be sent (no key).
+    requests: tuple[tuple[Target, Mapping[str, Any]], ...] = ()
+    response_format: Format | None = None  # generate(response_format=...), as the router checks answers
+    cache: bool = True  # False: generate(cache=False), the caller wants no answer from a cache
 
     @classmethod
     def new(
@@ -85,9 +91,10 @@ class Call:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         stream: bool,
+        **more: Any,
     ) -> Call:
-        """A call starting now, with a fresh random id."""
-        return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time())
+        """A call starting now, with a fresh random id (`more`: the optional fields)."""
+        return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time(), **more)
 
 
 @dataclass(frozen=True)
@@ -185,4 +192,8 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
     """The hooks a config's own sections ask for, in the order they run; each concern's module is imported only
     when its section is present. Hooks passed to `Router(hooks=...)` run after these."""
     hooks: list[Hook] = []
+    if config.cache is not None or any(a.cache is not None for a in config.aliases.values()):
+        from .cache import CacheHook
+
+        hooks.append(CacheHook(config.cache, metrics))
     return hooks

@@ -108,6 +108,16 @@ class RouterMetrics:
             **kw,
         )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
+        self.cache_hits = Counter("cache_hits_total", "Calls answered from the response cache.", ["alias"], **kw)
+        self.cache_misses = Counter(
+            "cache_misses_total", "Calls the response cache could not answer (sent to a provider).", ["alias"], **kw
+        )
+        self.cost_saved = Counter(
+            "cost_saved_usd_total",
+            "USD the cached answers cost when first bought, saved by serving them again.",
+            ["alias", "provider", "model"],
+            **kw,
+        )
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
         weakref.WeakKeyDictionary()
@@ -190,6 +200,14 @@ class RouterMetrics:
         self.circuit_state.labels(provider, model).set(value)
         if transition:
             self.circuit_transitions.labels(provider, model, state).inc()
+
+    def cache_lookup(self, alias: str, hit: bool) -> None:
+        """The response cache answered a call (`hit`) or did not."""
+        (self.cache_hits if hit else self.cache_misses).labels(alias).inc()
+
+    def cache_saved(self, alias: str, provider: str, model: str, cost_usd: float) -> None:
+        """A cached answer served again saved what it cost when first bought."""
+        self.cost_saved.labels(alias, provider, model).inc(cost_usd)
 
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""

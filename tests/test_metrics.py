@@ -57,6 +57,9 @@ METRICS = {
     "config_reloads": "counter",
     "config_info": "gauge",
     "config_last_reload_timestamp_seconds": "gauge",
+    "cache_hits": "counter",
+    "cache_misses": "counter",
+    "cost_saved_usd": "counter",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 
