@@ -28,8 +28,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import _litellm, structured
-from .config import ApiKey, RouterConfig, Target, load_config
+from . import _litellm, hedge, structured
+from .config import ApiKey, HedgeConfig, RouterConfig, Target, load_config
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -115,6 +115,41 @@ class _Sleep:
 
 
 @dataclass(frozen=True)
+class _Launch:
+    """The loop asks for a request to be started in the background (a hedged race); it is sent its handle."""
+
+    kwargs: dict[str, Any]
+    stream: bool = False
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """The loop asks for the next raced request to finish within `seconds`; sent (handle, reply) or None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    """The loop asks for raced requests to be cancelled and closed; sent [(handle, reply or None)], a reply for
+    each one that had finished meanwhile."""
+
+    handles: tuple[int, ...]
+
+
+@dataclass
+class _Racing:
+    """A request of a hedged race, in flight."""
+
+    target: Target
+    send: dict[str, Any]
+    key: ApiKey | None
+    probe: bool
+    t0: float
+    hedge: bool
+
+
+@dataclass(frozen=True)
 class _Snapshot:
     """The config in force and what is derived from it, swapped whole on reload."""
 
@@ -148,9 +183,11 @@ class _Plan:
     call: Call
     stream: bool = False
     fmt: Format | None = None
+    hedge: HedgeConfig | None = None
 
 
-_Step = _Send | _Sleep | _Stream | _Run
+_Step = _Send | _Sleep | _Stream | _Run | _Launch | _Wait | _Cancel
+_RaceStep = (_Launch, _Wait, _Cancel)
 _Loop = Generator[_Step, Any, Result]
 
 
@@ -191,6 +228,7 @@ class Router:
         self._reload_lock = threading.Lock()
         self._watch_stop: threading.Event | None = None
         self._warned_skips: set[tuple[str, str]] = set()
+        self._latencies = hedge.Latencies()  # per target, for hedges timed by a percentile
         self._snap = _snapshot(config, os.environ)
         self.metrics.config_in_force(config.sha256, None, time.time())
 
@@ -311,6 +349,7 @@ class Router:
         )
         loop = self._attempts(plan)
         handed_over = False
+        racer: hedge.SyncRacer | None = None
         try:
             step = next(loop)
             while True:
@@ -322,6 +361,14 @@ class Router:
                     reply: Any = None
                 elif isinstance(step, _Run):
                     reply = _run(step.fn)
+                elif isinstance(step, _RaceStep):
+                    racer = racer or hedge.SyncRacer()
+                    if isinstance(step, _Launch):
+                        reply = racer.launch(step.kwargs, step.stream)
+                    elif isinstance(step, _Wait):
+                        reply = racer.wait(step.seconds)
+                    else:
+                        reply = racer.cancel(step.handles)
                 else:
                     try:
                         reply = _litellm.open_stream(step.kwargs) if step.stream else _litellm.complete(step.kwargs)
@@ -333,6 +380,8 @@ class Router:
         finally:
             if not handed_over:
                 loop.close()
+            if racer is not None:
+                racer.abandon()
 
     async def agenerate(
         self,
@@ -356,6 +405,7 @@ class Router:
         )
         loop = self._attempts(plan)
         handed_over = False
+        racer: hedge.AsyncRacer | None = None
         try:
             step = next(loop)
             while True:
@@ -367,6 +417,14 @@ class Router:
                     reply: Any = None
                 elif isinstance(step, _Run):
                     reply = await asyncio.to_thread(_run, step.fn) if step.blocking else _run(step.fn)
+                elif isinstance(step, _RaceStep):
+                    racer = racer or hedge.AsyncRacer()
+                    if isinstance(step, _Launch):
+                        reply = racer.launch(step.kwargs, step.stream)
+                    elif isinstance(step, _Wait):
+                        reply = await racer.wait(step.seconds)
+                    else:
+                        reply = await racer.cancel(step.handles)
                 else:
                     try:
                         if step.stream:
@@ -381,6 +439,8 @@ class Router:
         finally:
             if not handed_over:
                 loop.close()
+            if racer is not None:
+                racer.abandon()
 
     def explain(self, alias: str | None = None) -> str:
         """The plan a call would follow right now: tiers and weights, what is skipped and why, prices."""
@@ -448,6 +508,7 @@ class Router:
             call=call,
             stream=stream,
             fmt=fmt,
+            hedge=alias.hedge,
         )
 
     def _attempts(self, plan: _Plan) -> _Loop:
@@ -495,7 +556,11 @@ class Router:
                     continue
                 if left is not None:
                     m.fallback(alias, left[0], target.provider, left[1])
-                outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
+                if plan.hedge is not None and not attempts:
+                    first = (target, kwargs, key, probe)
+                    outcome = yield from self._race(plan, start, first, queue, attempts, skipped, held_open)
+                else:
+                    outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
                 if isinstance(outcome, Result):
                     final = "success"
                     self._skip_open(alias, skipped, held_open)
@@ -664,6 +729,8 @@ class Router:
         m, alias, clock = self.metrics, plan.alias, self._clock
         p, model = target.provider, target.model
         m.first_token(alias, p, model, clock() - t0)
+        if plan.hedge is not None:
+            self._latencies.add(target.key, True, clock() - t0)
         try:
             yield _Stream(state)  # the caller reads the stream; we are resumed when it ends or breaks
         except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
@@ -702,6 +769,217 @@ class Router:
         log.warning("%s: stream from %s broke off after %d characters: %s", alias, target.key, len(state.text), error)
         raise StreamInterruptedError(alias, attempts, state.text, usage, cost) from state.error
 
+    # -- hedged requests -------------------------------------------------------------------------------------
+
+    def _race(
+        self,
+        plan: _Plan,
+        start: float,
+        first: tuple[Target, dict[str, Any], ApiKey | None, bool],
+        queue: list[tuple[Target, dict[str, Any]]],
+        attempts: list[Attempt],
+        skipped: list[Skip],
+        held_open: list[tuple[float, Target, dict[str, Any]]],
+    ) -> Generator[_Step, Any, Result | tuple[_litellm.Failure, BaseException]]:
+        """A hedged first attempt: the first target, and while no answer has come, the next ones, `after` apart.
+
+        The first success wins and the rest are cancelled and closed. A failure leaves the others racing; when
+        every raced request has failed, the call falls back to the targets not raced, the usual way.
+        """
+        assert plan.hedge is not None
+        cfg, m, alias, clock = plan.hedge, self.metrics, plan.alias, self._clock
+        fallback_on = plan.snap.config.defaults.fallback_on
+        deadline = start + plan.deadline_s
+        seen = (
+            self._latencies.percentile(first[0].key, plan.stream, cfg.after_percentile)
+            if cfg.after_percentile is not None
+            else None
+        )
+        delay = hedge.hedge_delay(cfg.after_s, cfg.after_percentile, seen)
+        racing: dict[int, _Racing] = {}
+        last: tuple[_litellm.Failure, BaseException] | None = None
+        extra = 0
+        try:
+            handle, entry = yield from self._launch(plan, deadline, *first, False)
+            racing[handle] = entry
+            next_at = None if delay is None else clock() + delay
+            while racing:
+                now = clock()
+                if now >= deadline:
+                    yield from self._cancel_race(plan, racing, attempts, "timeout")
+                    raise DeadlineExceededError(alias, attempts, plan.deadline_s)
+                hedging = next_at is not None and extra < cfg.max_extra
+                if hedging and next_at is not None and now >= next_at:
+                    nxt = self._hedge_target(plan, queue, skipped, held_open, first)
+                    if nxt is None:
+                        next_at = None
+                        continue
+                    try:
+                        handle, entry = yield from self._launch(plan, deadline, *nxt, True)
+                    except RouterError:  # a hook refused the hedge: the race is off
+                        yield from self._cancel_race(plan, racing, attempts)
+                        raise
+                    racing[handle] = entry
+                    extra += 1
+                    next_at = now + (delay or 0.0)
+                    continue
+                wait = deadline - now
+                if hedging and next_at is not None:
+                    wait = min(wait, next_at - now)
+                event = yield _Wait(wait)
+                if event is None:
+                    continue
+                handle, reply = event
+                entry = racing.pop(handle)
+                took = clock() - entry.t0
+                target = entry.target
+                if isinstance(reply, _litellm.StreamState):
+                    yield from self._cancel_race(plan, racing, attempts)
+                    if entry.hedge:
+                        m.hedge_won(alias, target.provider, target.model)
+                    return (
+                        yield from self._streamed(
+                            plan, start, target, entry.send, reply, entry.t0, entry.probe, attempts, entry.key
+                        )
+                    )
+                answer, parsed = None, None
+                if not isinstance(reply, BaseException):
+                    try:
+                        answer = _litellm.read_response(reply)
+                        if plan.fmt is not None:
+                            parsed = structured.parse(answer.text, plan.fmt)
+                    except _litellm.InvalidResponse as exc:
+                        answer, reply = None, exc
+                if answer is not None:
+                    also = yield from self._cancel_race(plan, racing, attempts)
+                    cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
+                    billed = (answer.usage, cost, source)
+                    self._attempted(plan, target, "success", took, entry.key, attempts, billed=billed)
+                    self._record_health(target, False, entry.probe)
+                    if entry.hedge:
+                        m.hedge_won(alias, target.provider, target.model)
+                    return Result(
+                        text=answer.text,
+                        alias=alias,
+                        provider=target.provider,
+                        model=target.model,
+                        usage=answer.usage,
+                        cost_usd=cost + also,
+                        cost_source=source,
+                        latency_s=clock() - start,
+                        attempts=tuple(attempts),
+                        finish_reason=answer.finish_reason,
+                        parsed=parsed,
+                        raw=reply,
+                    )
+                scrub(reply, plan.snap.secrets)
+                failure = _litellm.classify_error(reply)
+                error = redact(failure.message, plan.snap.secrets)
+                self._attempted(plan, target, failure.outcome, took, entry.key, attempts, error, failure.status_code)
+                self._record_health(target, _health_signal(failure.outcome), entry.probe)
+                log.warning("%s: %s failed (%s) in a hedged race", alias, target.key, failure.outcome)
+                if failure.outcome not in fallback_on:
+                    yield from self._cancel_race(plan, racing, attempts)
+                    raise ProviderError(alias, attempts) from reply
+                last = (failure, reply)
+        except GeneratorExit:  # the caller went away mid-race: every request still counts
+            for entry in racing.values():
+                self._attempted(plan, entry.target, "cancelled", clock() - entry.t0, entry.key, attempts)
+            raise
+        assert last is not None
+        return last
+
+    def _launch(
+        self,
+        plan: _Plan,
+        deadline: float,
+        target: Target,
+        kwargs: dict[str, Any],
+        key: ApiKey | None,
+        probe: bool,
+        is_hedge: bool,
+    ) -> Generator[_Step, Any, tuple[int, _Racing]]:
+        """Start one raced request: its handle and what the race keeps of it."""
+        limit = min(target.timeout_s, deadline - self._clock())
+        if plan.stream and target.first_token_timeout_s:
+            limit = min(limit, target.first_token_timeout_s)
+        send = {**kwargs, "timeout": limit}
+        if self._hooks:
+            _raised((yield _Run(partial(self._hooks.before_attempt, plan.call, target, send), self._hooks.blocking)))
+        if key is not None:
+            send["api_key"] = key.secret.get_secret_value()
+            self.metrics.key_used(target.provider, key.name)
+        if is_hedge:
+            self.metrics.hedged(plan.alias, target.provider, target.model)
+            log.info("%s: no answer yet, hedging on %s", plan.alias, target.key)
+        handle = yield _Launch(send, plan.stream)
+        return handle, _Racing(target, send, key, probe, self._clock(), is_hedge)
+
+    def _hedge_target(
+        self,
+        plan: _Plan,
+        queue: list[tuple[Target, dict[str, Any]]],
+        skipped: list[Skip],
+        held_open: list[tuple[float, Target, dict[str, Any]]],
+        first: tuple[Target, dict[str, Any], ApiKey | None, bool],
+    ) -> tuple[Target, dict[str, Any], ApiKey | None, bool] | None:
+        """The next target to hedge on: the next one admitted with a key, else the first again (not a probe)."""
+        while queue:
+            target, kwargs = queue.pop(0)
+            admission = self._circuits.admit(target.key, target.circuit, self._clock())
+            if admission.transition:
+                self._circuit_changed(target, admission.transition)
+            if not admission.allowed:
+                held_open.append((admission.open_until, target, kwargs))
+                continue
+            key = self._pick_key(target, plan.pinned_key, set())
+            if target.keys and key is None:
+                self._skip(plan.alias, skipped, Skip(target.provider, target.model, "keys_benched"))
+                continue
+            return target, kwargs, key, admission.probe
+        target, kwargs, _, probe = first
+        key = self._pick_key(target, plan.pinned_key, set())
+        if probe or (target.keys and key is None):
+            return None
+        return target, kwargs, key, False
+
+    def _cancel_race(
+        self, plan: _Plan, racing: dict[int, _Racing], attempts: list[Attempt], cut: str = "cancelled"
+    ) -> Generator[_Step, Any, float]:
+        """Cancel and close the requests still racing; count each (`cut`: the outcome of one cut off), and bill
+        any that answered meanwhile."""
+        if not racing:
+            return 0.0
+        also = 0.0
+        done = yield _Cancel(tuple(racing))
+        for handle, reply in done:
+            e = racing.pop(handle)
+            took = self._clock() - e.t0
+            outcome, error, status, billed = cut, None, None, None
+            if isinstance(reply, _litellm.StreamState):  # it had sent text: what came is billed
+                usage = reply.reported_usage or _litellm.count_tokens(e.target, e.send["messages"], reply.text)
+                billed = (usage, *self._bill(plan.alias, e.target, usage, reply.provider_cost))
+            elif isinstance(reply, BaseException) and not isinstance(reply, asyncio.CancelledError):
+                scrub(reply, plan.snap.secrets)
+                failure = _litellm.classify_error(reply)
+                outcome, status = failure.outcome, failure.status_code
+                error = redact(failure.message, plan.snap.secrets)
+            elif reply is not None and not isinstance(reply, BaseException):
+                try:
+                    answer = _litellm.read_response(reply)
+                except _litellm.InvalidResponse:
+                    answer = None
+                if answer is not None:  # it answered too: the provider bills it
+                    outcome = "success"
+                    billed = (answer.usage, *self._bill(plan.alias, e.target, answer.usage, answer.provider_cost))
+            if billed is not None:
+                also += billed[1]
+            if outcome == cut:  # at least this slow: keeps the tail in the percentile
+                self._latencies.add(e.target.key, plan.stream, took)
+            self._attempted(plan, e.target, outcome, took, e.key, attempts, error, status, billed)
+        racing.clear()
+        return also
+
     def _attempted(
         self,
         plan: _Plan,
@@ -716,6 +994,8 @@ class Router:
     ) -> None:
         """One request ended: count it, add it to the call's attempts, tell the hooks."""
         self.metrics.attempt(plan.alias, target.provider, target.model, outcome, took)
+        if plan.hedge is not None and outcome == "success" and not plan.stream:
+            self._latencies.add(target.key, False, took)
         attempt = Attempt(target.provider, target.model, outcome, took, error, status_code)
         if attempts is not None:
             attempts.append(attempt)

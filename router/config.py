@@ -231,6 +231,7 @@ class AliasConfig(_Model):
     params: dict[str, Any] = Field(default_factory=dict, description="litellm params, e.g. temperature, max_tokens.")
     system: str | None = Field(None, description="System prompt prepended when the messages carry none.")
     cache: AliasCacheConfig | None = Field(None, description="Answer repeated requests from the response cache.")
+    hedge: HedgeConfig | None = Field(None, description="Send the next target the same request when one is slow.")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -295,7 +296,7 @@ class MetricsConfig(_Model):
         return v
 
 
-# -- response cache --
+# -- response cache and hedged requests --
 
 
 class AliasCacheConfig(_Model):
@@ -318,6 +319,24 @@ class CacheConfig(_Model):
             raise ValueError("store: file needs a path (e.g. /var/cache/llm-router/cache.sqlite)")
         if self.store == "memory" and self.path is not None:
             raise ValueError("path is only for store: file")
+        return self
+
+
+class HedgeConfig(_Model):
+    """Hedged requests: when the first request has not answered after a delay, the next target gets it too."""
+
+    after_s: PositiveFloat | None = Field(
+        None, description="Delay before a hedge; with after_percentile, the delay until enough latencies are known."
+    )
+    after_percentile: float | None = Field(
+        None, ge=50, lt=100, description="Hedge after this percentile of the target's recent latencies (e.g. 95)."
+    )
+    max_extra: PositiveInt = Field(1, description="Most extra requests per call.")
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> HedgeConfig:
+        if self.after_s is None and self.after_percentile is None:
+            raise ValueError("give after_s or after_percentile (or both: after_s until enough latencies are known)")
         return self
 
 

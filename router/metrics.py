@@ -118,6 +118,15 @@ class RouterMetrics:
             ["alias", "provider", "model"],
             **kw,
         )
+        self.hedges = Counter(
+            "hedges_total",
+            "Extra (hedged) requests sent because a request was slow.",
+            ["alias", "provider", "model"],
+            **kw,
+        )
+        self.hedge_wins = Counter(
+            "hedge_wins_total", "Hedged requests that answered first.", ["alias", "provider", "model"], **kw
+        )
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
         weakref.WeakKeyDictionary()
@@ -208,6 +217,14 @@ class RouterMetrics:
     def cache_saved(self, alias: str, provider: str, model: str, cost_usd: float) -> None:
         """A cached answer served again saved what it cost when first bought."""
         self.cost_saved.labels(alias, provider, model).inc(cost_usd)
+
+    def hedged(self, alias: str, provider: str, model: str) -> None:
+        """An extra request went to this target because the call's earlier request was slow."""
+        self.hedges.labels(alias, provider, model).inc()
+
+    def hedge_won(self, alias: str, provider: str, model: str) -> None:
+        """A hedged request answered first."""
+        self.hedge_wins.labels(alias, provider, model).inc()
 
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""

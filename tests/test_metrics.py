@@ -60,6 +60,8 @@ METRICS = {
     "cache_hits": "counter",
     "cache_misses": "counter",
     "cost_saved_usd": "counter",
+    "hedges": "counter",
+    "hedge_wins": "counter",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 
