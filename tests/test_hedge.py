@@ -294,3 +294,30 @@ def test_a_hedge_needs_a_delay() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(text.replace("max_extra: 2", "after_percentile: 100"), "test.yaml", env={})
     assert "aliases.x.hedge.after_percentile" in str(err.value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_hedged_stream_closed_early_is_cancelled(
+    r: Router, up: Upstream, registry: CollectorRegistry, mode: str
+) -> None:
+    up.enqueue("a", Reply(text="slow stream from a", delay_s=SLOW))
+    up.enqueue("b", Reply(text="one two three four five six seven eight nine ten", usage=(10, 20)))
+
+    async def run() -> None:
+        stream = await r.agenerate("hi", model="hedged", stream=True)
+        await stream.__anext__()
+        await stream.aclose()
+
+    if mode == "sync":
+        stream = r.generate("hi", model="hedged", stream=True)
+        next(stream)
+        stream.close()
+        assert no_request_left_running()
+    else:
+        asyncio.run(run())
+    for provider, model in [("a", "model-a"), ("b", "model-b")]:
+        labels = {"alias": "hedged", "provider": provider, "model": model, "outcome": "cancelled"}
+        assert sample(registry, "llm_router_attempts_total", **labels) == 1
+    assert sample(registry, "llm_router_requests_total", alias="hedged", outcome="cancelled") == 1
+    assert sample(registry, "llm_router_cost_usd_total", alias="hedged", provider="b", model="model-b") > 0
+    assert sample(registry, "llm_router_in_flight", alias="hedged") == 0
