@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import os
 import threading
 from collections import deque
 from collections.abc import Awaitable, Coroutine
@@ -124,16 +125,18 @@ def _outcome(task: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> Any:
 
 _bg_lock = threading.Lock()
 _bg_loop: asyncio.AbstractEventLoop | None = None
+_bg_pid = 0
 
 
 def background_loop() -> asyncio.AbstractEventLoop:
-    """The event loop that `SyncRacer` runs requests on, in a daemon thread started on first use."""
-    global _bg_loop
+    """The event loop that `SyncRacer` runs requests on, in a daemon thread started on first use (again in a
+    forked worker, where the parent's thread does not run)."""
+    global _bg_loop, _bg_pid
     with _bg_lock:
-        if _bg_loop is None:
+        if _bg_loop is None or _bg_pid != os.getpid():
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="llm-router-hedge", daemon=True).start()
-            _bg_loop = loop
+            _bg_loop, _bg_pid = loop, os.getpid()
         return _bg_loop
 
 

@@ -11,11 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KEY_A, KEY_B, MakeRouter, standard_config
+from conftest import KEY_A, KEY_B, MakeRouter, standard_config, standard_env
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, field_validator
 
-from router import AllTargetsFailedError, ConfigError, ProviderError, Result, StreamInterruptedError, parse_config
+from router import (
+    AllTargetsFailedError,
+    ConfigError,
+    ProviderError,
+    Result,
+    Router,
+    StreamInterruptedError,
+    parse_config,
+)
 from router.cache import FileStore, MemoryStore, request_key
 from router.hooks import AttemptReport, Call, Hook
 from router.sandbox import Reply, Upstream
@@ -387,3 +395,19 @@ def test_an_alias_cache_needs_a_positive_ttl() -> None:
     ok = parse_config(text.replace("ttl_s: 0", "ttl_s: 5"), "t.yaml", env={"KEY_B": KEY_B})
     assert ok.aliases["x"].cache is not None and ok.aliases["x"].cache.ttl_s == 5
     assert KEY_B not in repr(ok)
+
+
+def test_a_reload_that_drops_an_alias_cache_stops_serving_it(up: Upstream, tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    env_text = CONFIG.replace("{UP}", up.url)
+    for name, value in standard_env().items():
+        env_text = env_text.replace("${" + name + "}", value)
+    path.write_text(env_text)
+    r = Router.from_yaml(path, registry=CollectorRegistry())
+    up.enqueue("a", Reply(text="one"), Reply(text="two"))
+    r.generate("hi", model="cached")
+    assert r.generate("hi", model="cached").cached
+    path.write_text(env_text.replace("cache: {ttl_s: 60}", "params: {}"))
+    assert r.reload()
+    res = r.generate("hi", model="cached")
+    assert (res.text, res.cached) == ("two", False)

@@ -8,7 +8,9 @@ Sync and async run the same scenarios (`mode`).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -321,3 +323,25 @@ def test_a_hedged_stream_closed_early_is_cancelled(
     assert sample(registry, "llm_router_requests_total", alias="hedged", outcome="cancelled") == 1
     assert sample(registry, "llm_router_cost_usd_total", alias="hedged", provider="b", model="model-b") > 0
     assert sample(registry, "llm_router_in_flight", alias="hedged") == 0
+
+
+def test_a_forked_worker_gets_its_own_background_loop() -> None:
+    parent = background_loop()
+    read, write = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns about forking a process with threads: that is the point
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: a new loop whose thread runs
+        try:
+            loop = background_loop()
+            fut = asyncio.run_coroutine_threadsafe(asyncio.sleep(0, result=b"ok"), loop)
+            ok = loop is not parent and fut.result(timeout=5) == b"ok"
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    got = os.read(read, 1)
+    os.waitpid(pid, 0)
+    os.close(read)
+    assert got == b"1"
+    assert background_loop() is parent
