@@ -556,7 +556,8 @@ class Router:
                     continue
                 if left is not None:
                     m.fallback(alias, left[0], target.provider, left[1])
-                if plan.hedge is not None and not attempts:
+                raced = plan.hedge is not None and not attempts
+                if raced:
                     first = (target, kwargs, key, probe)
                     outcome = yield from self._race(plan, start, first, queue, attempts, skipped, held_open)
                 else:
@@ -568,6 +569,15 @@ class Router:
                     return result
                 failure, last_error = outcome
                 left = (target.provider, failure.outcome)
+                retry = plan.snap.config.defaults.retry
+                if raced and not queue and failure.outcome in TRANSIENT and retry.attempts > 1:
+                    # A lost race with nothing left to fall back to: the first target gets its usual retries.
+                    delay = backoff_delay(1, retry, failure.retry_after, self._jitter())
+                    if delay < start + plan.deadline_s - clock():
+                        if delay > 0:
+                            yield _Sleep(delay)
+                        queue.append((target, kwargs))
+                        left = None
             self._skip_open(alias, skipped, held_open)
             if attempts:
                 raise AllTargetsFailedError(alias, attempts) from last_error

@@ -240,6 +240,15 @@ def test_a_lone_target_is_hedged_on_itself(r: Router, up: Upstream, mode: str) -
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_lost_race_with_no_target_left_is_retried(r: Router, up: Upstream, sleeps: list[float], mode: str) -> None:
+    up.enqueue("a", Reply(status=503), Reply(text="on retry"))
+    res = call(r, mode, "solo")
+    assert res.text == "on retry"
+    assert trail(res.attempts) == [("a", "server_error"), ("a", "success")]
+    assert len(sleeps) == 1  # the usual backoff
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_a_stream_is_hedged_until_its_first_text(
     r: Router, up: Upstream, registry: CollectorRegistry, mode: str
 ) -> None:
