@@ -4,7 +4,8 @@ Every concern beyond routing itself (ledger, budgets, cache, tracing, ...) plugs
 in `client.py` stays the one place that decides and `Router` stays small. A call's life, as hooks see it::
 
     call_started(call)                      once, before any request. May return a `Result` to answer the
-                                            call without a request (a cache hit), or raise a `RouterError`
+                                            call without a request (a cache hit; a stream call then gets
+                                            a `Stream` replaying its text), or raise a `RouterError`
                                             to refuse it (a budget). Runs off the event loop when the hook
                                             is `blocking`.
     before_attempt(call, target, request)   before each request (retries and fallbacks included). May raise
