@@ -28,10 +28,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench
+	$(BIN)/python -m bench.state
 
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[bench]'
 	$(BIN)/python -m bench --quick
+	$(BIN)/python -m bench.state --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

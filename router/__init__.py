@@ -5,11 +5,21 @@ res = router.generate("Write a haiku about queues", model="fast")
 print(res.text, res.provider, res.cost_usd)
 """
 
-from .api import agenerate, default_router, generate, set_default_router, start_metrics_server
+from .api import (
+    agenerate,
+    default_router,
+    generate,
+    mark_process_dead,
+    metrics_registry,
+    preload,
+    set_default_router,
+    start_metrics_server,
+)
 from .client import AsyncStream, Router, Stream
 from .config import RouterConfig, Target, config_schema, load_config, parse_config
 from .errors import (
     AllTargetsFailedError,
+    BudgetExceededError,
     ConfigError,
     DeadlineExceededError,
     MissingCredentialsError,
@@ -21,6 +31,7 @@ from .errors import (
 )
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
+from .usage import query_usage
 
 __version__ = "0.1.0"
 
@@ -28,6 +39,7 @@ __all__ = [
     "AllTargetsFailedError",
     "AsyncStream",
     "Attempt",
+    "BudgetExceededError",
     "ConfigError",
     "DeadlineExceededError",
     "MissingCredentialsError",
@@ -50,7 +62,11 @@ __all__ = [
     "default_router",
     "generate",
     "load_config",
+    "mark_process_dead",
+    "metrics_registry",
     "parse_config",
+    "preload",
+    "query_usage",
     "set_default_router",
     "start_metrics_server",
 ]

@@ -7,10 +7,15 @@ waits until a request is actually made: `import router` and `llm-router validate
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import os
+import queue
 import threading
-from collections.abc import Iterator
+import time
+import weakref
+from collections.abc import Awaitable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import ModuleType
@@ -19,6 +24,8 @@ from typing import Any
 from .config import Target
 from .policy import parse_retry_after
 from .types import Usage
+
+log = logging.getLogger("router")
 
 _lock = threading.Lock()
 _litellm: ModuleType | None = None
@@ -64,19 +71,60 @@ def litellm() -> ModuleType:
 def request_kwargs(
     target: Target, messages: list[dict[str, Any]], params: dict[str, Any], timeout: float
 ) -> dict[str, Any]:
-    """The keyword arguments of one litellm.completion call, less the key. max_retries=0: the router owns retries."""
+    """The keyword arguments of one litellm.completion call, less the key. max_retries=0: the router owns retries.
+
+    drop_params: a param this target does not support (say `logit_bias` on a fallback to Anthropic) is left out
+    of its request, and logged once, rather than failing the call with a bad_request.
+    """
     kw: dict[str, Any] = {
         **params,
         "model": target.litellm_model,
         "messages": messages,
         "timeout": timeout,
         "max_retries": 0,
+        "drop_params": True,
     }
+    _note_dropped(target, params)
     if target.api_base:
         kw["api_base"] = target.api_base
     if target.headers:
         kw["extra_headers"] = dict(target.headers)
     return kw
+
+
+# Params the router itself sets on a request: never reported as the caller's dropped ones.
+_ROUTER_PARAMS = frozenset({"stream", "stream_options", "response_format", "timeout", "max_retries", "extra_headers"})
+# (target, param names) -> the params litellm will drop for it; worked out once, logged once.
+_dropped: dict[tuple[str, str, frozenset[str]], tuple[str, ...]] = {}
+
+
+def _note_dropped(target: Target, params: dict[str, Any]) -> None:
+    names = frozenset(params)
+    key = (target.kind, target.model, names)
+    if key in _dropped:
+        return
+    dropped = unsupported_params(target, names)
+    _dropped[key] = dropped
+    if dropped:
+        log.warning(
+            "%s: %s not supported by provider kind %r, left out of its requests",
+            target.key,
+            ", ".join(dropped),
+            target.kind,
+        )
+
+
+def unsupported_params(target: Target, names: frozenset[str]) -> tuple[str, ...]:
+    """The OpenAI params among `names` that litellm knows this target does not take (it drops them)."""
+    lm = litellm()
+    known = set(getattr(lm, "OPENAI_CHAT_COMPLETION_PARAMS", ()))
+    try:
+        supported = set(lm.get_supported_openai_params(model=target.model, custom_llm_provider=target.kind) or ())
+    except Exception:  # a provider litellm has no list for: it passes every param through
+        return ()
+    if not supported:
+        return ()
+    return tuple(sorted(n for n in names if n in known and n not in supported and n not in _ROUTER_PARAMS))
 
 
 @contextlib.contextmanager
@@ -126,6 +174,10 @@ class InvalidResponse(Exception):
     """A 2xx answer the router cannot use (no choices, no message)."""
 
 
+class ContentFiltered(InvalidResponse):
+    """A 2xx answer the provider's content filter stopped (`finish_reason: content_filter`)."""
+
+
 _BY_STATUS = {
     400: "bad_request",
     401: "auth",
@@ -139,6 +191,9 @@ _BY_STATUS = {
 }
 
 
+_CONTEXT_CODE = "context_length_exceeded"
+
+
 def classify_error(exc: BaseException) -> Failure:
     """Map a litellm (or transport) exception to one routing outcome."""
     status = getattr(exc, "status_code", None)
@@ -149,12 +204,19 @@ def classify_error(exc: BaseException) -> Failure:
 
 
 def _outcome(exc: BaseException, status: int | None, message: str) -> str:
+    if isinstance(exc, ContentFiltered):
+        return "content_filter"
     if isinstance(exc, InvalidResponse):
         return "invalid_response"
     if isinstance(exc, TimeoutError):
         return "timeout"
     if not exc.__class__.__module__.startswith(("litellm", "openai", "httpx", "aiohttp")):
         return "other"
+    # The status says what a 402 or 403 is; litellm picks their exception class from the message text.
+    if status in (402, 403):
+        return _BY_STATUS[status]
+    if getattr(exc, "code", None) == _CONTEXT_CODE or _CONTEXT_CODE in message:
+        return "context_window"  # OpenAI's code, also when the message is worded in a way litellm does not match
     e = litellm().exceptions
     # Subclasses before their bases: ContextWindowExceeded and ContentPolicyViolation are BadRequestErrors,
     # Timeout is an APIConnectionError.
@@ -230,6 +292,7 @@ class Answer:
     usage: Usage
     finish_reason: str | None
     provider_cost: float | None
+    model: str | None = None  # the model the provider says answered
 
 
 def read_response(response: Any) -> Answer:
@@ -240,6 +303,9 @@ def read_response(response: Any) -> Answer:
     message = getattr(choices[0], "message", None)
     if message is None:
         raise InvalidResponse("the provider answered with no message")
+    finish_reason = getattr(choices[0], "finish_reason", None)
+    if finish_reason == "content_filter":
+        raise ContentFiltered("the provider's content filter stopped the answer (finish_reason: content_filter)")
     usage = getattr(response, "usage", None)
     hidden = getattr(response, "_hidden_params", None) or {}
     extra = hidden.get("additional_headers") or {}
@@ -247,13 +313,16 @@ def read_response(response: Any) -> Answer:
     return Answer(
         text=message.content or "",
         usage=Usage(int(getattr(usage, "prompt_tokens", 0) or 0), int(getattr(usage, "completion_tokens", 0) or 0)),
-        finish_reason=getattr(choices[0], "finish_reason", None),
+        finish_reason=finish_reason,
         provider_cost=float(cost) if cost is not None else None,
+        model=getattr(response, "model", None) or None,
     )
 
 
 def price_map_cost(target: Target, usage: Usage) -> float | None:
-    """The cost of `usage` by litellm's built-in price map; None when the model is not in it."""
+    """The cost of `usage` by litellm's built-in price map; None when the model is not in it, or is in it without
+    a price: the map lists some paid models with no (or zero) prices, and "never guessed" means a zero counts only
+    for a model marked free (OpenRouter's `:free` variants)."""
     try:
         prompt, completion = litellm().cost_per_token(
             model=target.model,
@@ -263,7 +332,10 @@ def price_map_cost(target: Target, usage: Usage) -> float | None:
         )
     except Exception:  # litellm raises a bare Exception for a model it has no price for
         return None
-    return float(prompt + completion)
+    cost = float(prompt + completion)
+    if cost == 0 and (usage.input_tokens or usage.output_tokens) and not target.model.endswith(":free"):
+        return None
+    return cost
 
 
 # -- streaming ------------------------------------------------------------------------------------------------
@@ -273,16 +345,100 @@ class EmptyStream(InvalidResponse):
     """A stream that ended before any text: as unusable as an empty answer, so it is retried or fallen back from."""
 
 
-class StreamState:
-    """What a stream has delivered so far: text, finish reason, usage. Fed one chunk at a time (sync or async)."""
+class FirstTextTimeout(TimeoutError):
+    """No text came within the first-text limit of the request, whatever else did (keep-alives, reasoning)."""
 
-    def __init__(self, stream: Any) -> None:
+
+class StreamStalled(TimeoutError):
+    """After its first text, a stream sent no more within the idle limit, or outlasted the call's deadline."""
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """How long a stream may take, in seconds from its request: to its first text, between texts, in all."""
+
+    first_text_s: float
+    idle_s: float
+    total_s: float
+
+
+_CHUNK, _END, _FAILED = 0, 1, 2
+
+
+class _Pump:
+    """Reads a blocking litellm stream on a daemon thread, so that its reader can wait with a timeout.
+
+    The blocking read itself cannot be bounded: a provider that sends keep-alive comments, or trickles bytes,
+    resets every socket timeout. The thread ends with the stream; an abandoned one is closed at its next chunk.
+    """
+
+    def __init__(self, kwargs: dict[str, Any]) -> None:
+        self.items: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+        self.stream: Any = None
+        self.stopped = False
+        self.opened = threading.Event()
+        threading.Thread(target=self._run, args=(kwargs,), name="llm-router-stream", daemon=True).start()
+
+    def _run(self, kwargs: dict[str, Any]) -> None:
+        try:
+            self.stream = litellm().completion(**kwargs)
+            self.opened.set()
+            if self.stopped:  # abandoned while the request was being answered
+                return
+            for chunk in self.stream:
+                if self.stopped:
+                    break
+                self.items.put((_CHUNK, chunk))
+            self.items.put((_END, None))
+        except Exception as exc:  # handed to the reader, who classifies it
+            self.items.put((_FAILED, exc))
+        finally:
+            self.opened.set()
+            if self.stopped:
+                _close_sync(self.stream)
+
+    def get(self, timeout: float) -> tuple[int, Any] | None:
+        """The next item, or None when none came within `timeout` seconds."""
+        try:
+            return self.items.get(timeout=max(timeout, 0.0))
+        except queue.Empty:
+            return None
+
+    def stop(self) -> None:
+        """Abandon the stream: the thread closes it and ends."""
+        self.stopped = True
+        _close_sync(self.stream)
+
+
+def _close_sync(stream: Any) -> None:
+    inner = getattr(stream, "completion_stream", None)
+    close = getattr(inner, "close", None)
+    if callable(close):
+        try:
+            close()
+        except Exception:  # already closed, or a stream type that cannot: nothing more to free
+            pass
+
+
+class StreamState:
+    """What a stream has delivered so far: text, finish reason, usage. Fed one chunk at a time (sync or async).
+
+    Its clock: text must come within `limits.first_text_s` of the request, then at most `limits.idle_s` apart,
+    and the whole stream within `limits.total_s` (what was left of the call's deadline).
+    """
+
+    def __init__(self, stream: Any, limits: StreamLimits | None = None, started: float | None = None) -> None:
         self.stream = stream
         self.parts: list[str] = []
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.provider_cost: float | None = None
         self.error: BaseException | None = None
+        self.model: str | None = None  # the model the provider says answered
+        self.limits = limits
+        self.started = time.monotonic() if started is None else started
+        self.last_text = self.started
+        self._pump: _Pump | None = None
 
     @property
     def text(self) -> str:
@@ -291,8 +447,22 @@ class StreamState:
 
     @property
     def finished(self) -> bool:
-        """Whether the provider itself ended the answer (litellm adds a finish reason to a cut-off stream)."""
-        return getattr(self.stream, "received_finish_reason", self.finish_reason) is not None
+        """Whether the provider itself ended the answer, as the router saw it: a finish reason came in a chunk,
+        and it was not the "stop" litellm makes up for any stream that just stops (litellm keeps the provider's
+        own in received_finish_reason, or for some providers, Gemini's among them, intermittent_finish_reason)."""
+        if self.finish_reason is None or self.finish_reason == "content_filter":
+            return False
+        s = self.stream
+        if not hasattr(s, "received_finish_reason"):
+            return True
+        return (s.received_finish_reason or getattr(s, "intermittent_finish_reason", None)) is not None
+
+    @property
+    def unfinished_reason(self) -> str:
+        """Why a stream that ended without an error did not end normally."""
+        if self.finish_reason == "content_filter":
+            return "the provider's content filter stopped the stream"
+        return "the stream ended without a finish reason"
 
     @property
     def reported_usage(self) -> Usage | None:
@@ -302,15 +472,58 @@ class StreamState:
             return self.usage
         return None
 
+    def _wait(self) -> float:
+        """Seconds the next text may take: to the first-text, idle or total limit, whichever comes first."""
+        if self.limits is None:
+            return 365 * 86400.0
+        lim, now = self.limits, time.monotonic()
+        until = self.started + (lim.first_text_s if not self.parts else lim.total_s)
+        if self.parts:
+            until = min(until, self.last_text + lim.idle_s)
+        return until - now
+
+    def _timed_out(self) -> TimeoutError:
+        lim = self.limits
+        assert lim is not None
+        if not self.parts:
+            return FirstTextTimeout(f"no text within {lim.first_text_s:g}s of the request")
+        if time.monotonic() - self.started >= lim.total_s - 1e-3:
+            return StreamStalled(f"the stream outlasted the call's deadline ({lim.total_s:.3g}s left at its request)")
+        return StreamStalled(f"the stream sent no text for {lim.idle_s:g}s")
+
+    def next_chunk(self) -> Any:
+        """The next chunk of a blocking stream. Raises StopIteration at its end, TimeoutError past a limit."""
+        pump = self._pump
+        if pump is None:
+            return next(self.stream)
+        got = pump.get(self._wait())
+        if got is None:
+            pump.stop()
+            raise self._timed_out()
+        kind, item = got
+        if kind == _END:
+            raise StopIteration
+        if kind == _FAILED:
+            raise item
+        return item
+
+    async def anext_chunk(self, stream: Any = None) -> Any:
+        """The next chunk of an async stream. Raises StopAsyncIteration at its end, TimeoutError past a limit.
+        `stream`: read this one instead of `self.stream` (the async source of a sync bridge, see hedge.py)."""
+        source = self.stream if stream is None else stream
+        if self.limits is None:
+            return await source.__anext__()
+        try:
+            return await _within(source.__anext__(), self._wait())
+        except asyncio.TimeoutError:
+            raise self._timed_out() from None
+
     def close(self) -> None:
         """Release the HTTP response of an abandoned stream (best effort)."""
-        inner = getattr(self.stream, "completion_stream", None)
-        close = getattr(inner, "close", None)
-        if callable(close):
-            try:
-                close()
-            except Exception:  # already closed, or a stream type that cannot: nothing more to free
-                pass
+        if self._pump is not None:
+            self._pump.stop()
+        else:
+            _close_sync(self.stream)
 
     async def aclose(self) -> None:
         """Async twin of `close`."""
@@ -332,6 +545,8 @@ class StreamState:
         cost = (hidden.get("additional_headers") or {}).get(_PROVIDER_COST_KEY)
         if cost is not None:
             self.provider_cost = float(cost)
+        if self.model is None:
+            self.model = getattr(chunk, "model", None) or None
         choices = getattr(chunk, "choices", None) or ()
         if not choices:
             return ""
@@ -342,25 +557,94 @@ class StreamState:
         text = getattr(delta, "content", None) or ""
         if text:
             self.parts.append(text)
+            self.last_text = time.monotonic()
         return text
 
 
-def open_stream(kwargs: dict[str, Any]) -> StreamState:
-    """Start a streamed request and read up to its first text, so a failure before it can still fall back."""
-    state = StreamState(litellm().completion(**kwargs))
-    for chunk in state.stream:
+async def _within(aw: Awaitable[Any], seconds: float) -> Any:
+    """Await `aw` for at most `seconds` (asyncio.TimeoutError after). Not wait_for on 3.11+: it runs `aw` in a
+    task of its own, and an aiohttp stream opened in one task and read in another loses its first chunk."""
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is not None:
+        async with timeout(max(seconds, 0.0)):
+            return await aw
+    # Python 3.10: the same, by hand: cancel this task when the time is up, and say so as a TimeoutError.
+    task, fired = asyncio.current_task(), threading.Event()
+    assert task is not None
+
+    def fire() -> None:
+        fired.set()
+        task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(max(seconds, 0.0), fire)
+    try:
+        return await aw
+    except asyncio.CancelledError:
+        if fired.is_set():
+            raise asyncio.TimeoutError from None
+        raise
+    finally:
+        handle.cancel()
+
+
+def _no_text(state: StreamState) -> InvalidResponse:
+    if state.finish_reason == "content_filter":
+        return ContentFiltered("the provider's content filter stopped the stream before any text")
+    return EmptyStream("the stream ended before any text")
+
+
+def open_stream(kwargs: dict[str, Any], limits: StreamLimits | None = None) -> StreamState:
+    """Start a streamed request and read up to its first text, so a failure before it can still fall back.
+
+    With `limits`, the stream is read on a thread (see `_Pump`) and abandoned with FirstTextTimeout when no text
+    came within `limits.first_text_s` of the request, however busy the connection was.
+    """
+    if limits is None:
+        state = StreamState(litellm().completion(**kwargs))
+        for chunk in state.stream:
+            if state.feed(chunk):
+                return state
+        raise _no_text(state)
+    started = time.monotonic()
+    pump = _Pump(kwargs)
+    state = StreamState(None, limits, started)
+    state._pump = pump
+    weakref.finalize(state, pump.stop)  # a stream dropped unread is closed when collected, as before
+    if not pump.opened.wait(max(state._wait(), 0.0)):
+        pump.stop()
+        raise state._timed_out()
+    state.stream = pump.stream
+    while True:
+        try:
+            chunk = state.next_chunk()
+        except StopIteration:
+            raise _no_text(state) from None
         if state.feed(chunk):
             return state
-    raise EmptyStream("the stream ended before any text")
 
 
-async def aopen_stream(kwargs: dict[str, Any]) -> StreamState:
+async def aopen_stream(kwargs: dict[str, Any], limits: StreamLimits | None = None) -> StreamState:
     """Async twin of `open_stream`."""
-    state = StreamState(await litellm().acompletion(**kwargs))
-    async for chunk in state.stream:
-        if state.feed(chunk):
-            return state
-    raise EmptyStream("the stream ended before any text")
+    started = time.monotonic()
+    if limits is None:
+        state = StreamState(await litellm().acompletion(**kwargs))
+    else:
+        try:
+            stream = await _within(litellm().acompletion(**kwargs), limits.first_text_s)
+        except asyncio.TimeoutError:
+            raise FirstTextTimeout(f"no text within {limits.first_text_s:g}s of the request") from None
+        state = StreamState(stream, limits, started)
+    try:
+        while True:
+            try:
+                chunk = await state.anext_chunk()
+            except StopAsyncIteration:
+                raise _no_text(state) from None
+            if state.feed(chunk):
+                return state
+    except BaseException:
+        await state.aclose()
+        raise
 
 
 def count_tokens(target: Target, messages: list[dict[str, Any]], text: str) -> Usage:
@@ -381,3 +665,13 @@ def supports_schema(target: Target) -> bool:
         return bool(litellm().supports_response_schema(model=target.model, custom_llm_provider=target.kind))
     except Exception:  # a model litellm does not know
         return False
+
+
+def max_output_tokens(target: Target) -> int | None:
+    """The model's largest answer in tokens by litellm's model map; None when the model is not in it."""
+    try:
+        info = litellm().get_model_info(model=target.model, custom_llm_provider=target.kind)
+    except Exception:  # a model litellm does not know
+        return None
+    value = info.get("max_output_tokens") or info.get("max_tokens")
+    return int(value) if value else None

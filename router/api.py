@@ -1,4 +1,4 @@
-"""Module-level `generate()`/`agenerate()` on a default `Router`, and the `/metrics` server."""
+"""Module-level `generate()`/`agenerate()` on a default `Router`, and what serves its metrics (`/metrics`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from .client import Router
+from .metrics import multiprocess_dir, multiprocess_registry
 
 DEFAULT_CONFIG = "config/router.yaml"
 
@@ -104,8 +105,39 @@ async def agenerate(
     )
 
 
+def metrics_registry() -> CollectorRegistry:
+    """The registry to expose on /metrics (e.g. with `prometheus_client.make_wsgi_app(registry)`).
+
+    With PROMETHEUS_MULTIPROC_DIR set: one that reads the metrics of every worker process from that directory,
+    so any worker (or the gunicorn master) answers a scrape with the sum over all of them. Else the default
+    Router's registry.
+    """
+    path = multiprocess_dir()
+    if path is not None:
+        return multiprocess_registry(path)
+    return default_router().metrics.registry
+
+
 def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: CollectorRegistry | None = None) -> Any:
-    """Serve /metrics of `registry` (default: the default Router's) over HTTP in a daemon thread."""
+    """Serve /metrics of `registry` (default: `metrics_registry()`) over HTTP in a daemon thread."""
     if registry is None:
-        registry = default_router().metrics.registry
+        registry = metrics_registry()
     return start_http_server(port, addr, registry=registry)
+
+
+def preload() -> None:
+    """Import LiteLLM now (seconds, ~170 MB) instead of at the first call. In a gunicorn master before the
+    fork (see examples/gunicorn.conf.py) every worker inherits it: they start at once and share its memory."""
+    from . import _litellm
+
+    _litellm.litellm()
+
+
+def mark_process_dead(pid: int) -> None:
+    """A worker process exited: drop its live gauges (in-flight calls, circuit states, config) from the aggregate;
+    its counts stay. Call it from gunicorn's `child_exit` hook. Does nothing without PROMETHEUS_MULTIPROC_DIR."""
+    path = multiprocess_dir()
+    if path is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]

@@ -1,12 +1,13 @@
-"""The `llm-router` command: validate | explain | generate | demo | schema.
+"""The `llm-router` command: validate | explain | generate | usage | demo | schema.
 
-`validate`, `explain` and `schema` never import litellm, so they answer in well under a second.
+`validate`, `explain`, `usage` and `schema` never import litellm, so they answer in well under a second.
 Exit codes: 0 fine, 1 the config or the call failed, 2 the command line is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -41,9 +42,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         n_targets = sum(len(cfg.targets(a)) for a in cfg.aliases)
         print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.aliases)} aliases, {n_targets} targets)")
-        for note in _credential_notes(cfg):
+        for note in _credential_notes(cfg) + _tracing_notes(cfg):
             _err(f"{path}: note: {note}")
     return 1 if failed else 0
+
+
+def _tracing_notes(cfg: RouterConfig) -> list[str]:
+    if cfg.tracing is None or not cfg.tracing.enabled:
+        return []
+    try:
+        missing = importlib.util.find_spec("opentelemetry.trace") is None
+    except ImportError:
+        missing = True
+    if missing:
+        return ["tracing is on but OpenTelemetry is not installed: pip install 'llm-router[otel]' (calls go untraced)"]
+    return []
 
 
 def _credential_notes(cfg: RouterConfig) -> list[str]:
@@ -65,11 +78,17 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .client import Router  # no litellm import: that waits for the first request
 
     r = Router(load_config(args.file), registry=CollectorRegistry())
-    if args.alias and args.alias not in r.config.aliases:
-        _err(f"llm-router: unknown alias {args.alias!r} (aliases: {', '.join(r.config.aliases)})")
-        return 1
-    print(r.explain(args.alias))
-    return 0
+    try:
+        if args.alias and args.alias not in r.config.aliases:
+            _err(f"llm-router: unknown alias {args.alias!r} (aliases: {', '.join(r.config.aliases)})")
+            return 1
+        state = r._state
+        if state is not None and not state.wait_synced(2 * state.sync_s + 2 * r.config.state.timeout_s + 1):
+            _err(f"llm-router: the {state.backend} state store at {state.where} did not answer: circuits as of now")
+        print(r.explain(args.alias))  # with a shared state: the fleet's circuits
+        return 0
+    finally:
+        r.close()
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -93,6 +112,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"[{res.alias} → {res.provider}/{res.model}] {tokens}, ${res.cost_usd:.6f} ({res.cost_source}), "
         f"{res.latency_s * 1000:.0f} ms, {len(res.attempts)} attempt(s){fallbacks}"
     )
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Usage from the ledger over a time window, grouped by dimensions or tags."""
+    from .usage import query_usage, render
+
+    by = [b.strip() for b in (args.by or "").split(",") if b.strip()]
+    try:
+        rows = query_usage(args.config, since=args.since, until=args.until, by=by)
+    except ValueError as exc:
+        _err(f"llm-router usage: {exc}")
+        return 1
+    print(render(rows, by, args.format))
     return 0
 
 
@@ -145,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-tokens", type=int)
     g.add_argument("--temperature", type=float)
     g.set_defaults(func=cmd_generate)
+
+    u = sub.add_parser("usage", help="calls, tokens and cost from the ledger, by time window and dimension or tag")
+    u.add_argument(
+        "-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)"
+    )
+    u.add_argument("--since", default="24h", help="24h, 30m, 7d, 2w or an ISO date/time in UTC (default: 24h)")
+    u.add_argument("--until", default=None, help="end of the window, same forms (default: now)")
+    u.add_argument(
+        "--by",
+        default="",
+        help="comma-separated: alias, provider, model, key, outcome, cost_source, day, hour, or tags",
+    )
+    u.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    u.set_defaults(func=cmd_usage)
 
     d = sub.add_parser("demo", help="offline demo on the simulated sandbox provider")
     d.add_argument("-c", "--config", default=None, help="sandbox config (default: the built-in config/sandbox.yaml)")

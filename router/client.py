@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import hashlib
 import logging
 import os
 import random
@@ -29,7 +28,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from . import _litellm, hedge, structured
-from .config import ApiKey, HedgeConfig, RouterConfig, Target, load_config
+from .config import ApiKey, HedgeConfig, RouterConfig, Target, file_sha256, load_config
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -43,8 +42,8 @@ from .errors import (
     redact,
     scrub,
 )
-from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
-from .hooks import AttemptReport, Call, Hook, Hooks, check_tags, config_hooks
+from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore, shared_state
+from .hooks import AttemptReport, Call, Hook, Hooks, Reroute, check_tags, config_hooks
 from .metrics import RouterMetrics
 from .policy import (
     TRANSIENT,
@@ -89,6 +88,7 @@ class _Send:
 
     kwargs: dict[str, Any]
     stream: bool = False
+    limits: _litellm.StreamLimits | None = None  # a stream's time to first text, between texts, in all
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,7 @@ class _Launch:
 
     kwargs: dict[str, Any]
     stream: bool = False
+    limits: _litellm.StreamLimits | None = None  # as _Send's
 
 
 @dataclass(frozen=True)
@@ -221,8 +222,10 @@ class Router:
         self._jitter = jitter
         self._rng = rng or random.Random()
         self._clock = clock
-        self._circuits: CircuitStore = circuits or MemoryCircuitStore()
-        self._keys: KeyStore = keys or MemoryKeyStore()
+        # config.state: breakers and benched keys shared with other workers and replicas, unless given here
+        self._state = shared_state(config.state, self.metrics, clock) if circuits is None or keys is None else None
+        self._circuits: CircuitStore = circuits or (self._state.circuits if self._state else MemoryCircuitStore())
+        self._keys: KeyStore = keys or (self._state.keys if self._state else MemoryKeyStore())
         self._hooks = Hooks([*config_hooks(config, self.metrics), *hooks])
         self._path: Path | None = None
         self._reload_lock = threading.Lock()
@@ -276,6 +279,8 @@ class Router:
             m = config.metrics
             if (m.namespace, tuple(m.buckets)) != (old.metrics.namespace, tuple(old.metrics.buckets)):
                 log.warning("metrics namespace and buckets change at restart only; keeping %r", old.metrics.namespace)
+            if config.state != old.state:
+                log.warning("the state section changes at restart only; keeping state.backend %s", old.state.backend)
             self._snap = _snapshot(config, os.environ)
             self.metrics.reload_result(True)
             self.metrics.config_in_force(config.sha256, old.sha256, time.time())
@@ -295,11 +300,13 @@ class Router:
         thread.start()
 
     def close(self) -> None:
-        """Stop watching the config file and close the hooks (flushing what they hold)."""
+        """Stop watching the config file, close the hooks (flushing what they hold) and the shared state store."""
         if self._watch_stop is not None:
             self._watch_stop.set()
             self._watch_stop = None
         self._hooks.close()
+        if self._state is not None:
+            self._state.close()
 
     def install_sighup_handler(self) -> None:
         """Reload on SIGHUP (opt-in, for processes that own their signals; main thread only)."""
@@ -364,14 +371,17 @@ class Router:
                 elif isinstance(step, _RaceStep):
                     racer = racer or hedge.SyncRacer()
                     if isinstance(step, _Launch):
-                        reply = racer.launch(step.kwargs, step.stream)
+                        reply = racer.launch(step.kwargs, step.stream, step.limits)
                     elif isinstance(step, _Wait):
                         reply = racer.wait(step.seconds)
                     else:
                         reply = racer.cancel(step.handles)
                 else:
                     try:
-                        reply = _litellm.open_stream(step.kwargs) if step.stream else _litellm.complete(step.kwargs)
+                        if step.stream:
+                            reply = _litellm.open_stream(step.kwargs, step.limits)
+                        else:
+                            reply = _litellm.complete(step.kwargs)
                     except Exception as exc:
                         reply = exc
                 step = loop.send(reply)
@@ -420,7 +430,7 @@ class Router:
                 elif isinstance(step, _RaceStep):
                     racer = racer or hedge.AsyncRacer()
                     if isinstance(step, _Launch):
-                        reply = racer.launch(step.kwargs, step.stream)
+                        reply = racer.launch(step.kwargs, step.stream, step.limits)
                     elif isinstance(step, _Wait):
                         reply = await racer.wait(step.seconds)
                     else:
@@ -428,7 +438,7 @@ class Router:
                 else:
                     try:
                         if step.stream:
-                            reply = await _litellm.aopen_stream(step.kwargs)
+                            reply = await _litellm.aopen_stream(step.kwargs, step.limits)
                         else:
                             reply = await _litellm.acomplete(step.kwargs)
                     except Exception as exc:
@@ -557,11 +567,23 @@ class Router:
                 if left is not None:
                     m.fallback(alias, left[0], target.provider, left[1])
                 raced = plan.hedge is not None and not attempts
-                if raced:
-                    first = (target, kwargs, key, probe)
-                    outcome = yield from self._race(plan, start, first, queue, attempts, skipped, held_open)
-                else:
-                    outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
+                try:
+                    if raced:
+                        first = (target, kwargs, key, probe)
+                        outcome = yield from self._race(plan, start, first, queue, attempts, skipped, held_open)
+                    else:
+                        outcome = yield from self._on_target(
+                            plan, start, target, kwargs, key, probe, attempts, bool(queue)
+                        )
+                except Reroute as rr:  # a hook (a budget) moves the call to another alias, once
+                    if plan.call.rerouted_to is not None or rr.alias not in plan.snap.config.aliases:
+                        raise rr.instead from None
+                    log.warning("%s: rerouted to alias %r: %s", alias, rr.alias, rr.instead)
+                    plan.call.rerouted_to = rr.alias
+                    self._skip_open(alias, skipped, held_open)
+                    plan, left = self._replan(plan, rr.alias, skipped), None
+                    queue = list(plan.targets)
+                    continue
                 if isinstance(outcome, Result):
                     final = "success"
                     self._skip_open(alias, skipped, held_open)
@@ -601,6 +623,19 @@ class Router:
                 plan.call.outcome = final
                 hooks.call_finished(plan.call, result, error)
 
+    def _replan(self, plan: _Plan, alias_name: str, skipped: list[Skip]) -> _Plan:
+        """The call's plan on another alias: its targets, the call's own messages and params (no key pinned)."""
+        cfg, call = plan.snap.config, plan.call
+        ordered = order_tiers(cfg.tiers(alias_name), self._rng.random)
+        usable, passed = plan_targets(ordered, None, plan.snap.disabled, None)
+        for s in passed:
+            self._skip(plan.alias, skipped, s)
+        alias = cfg.aliases[alias_name]
+        targets = tuple(
+            (t, _request(t, call.messages, merge_params(alias, t, call.params), plan.stream, plan.fmt)) for t in usable
+        )
+        return replace(plan, targets=targets, skipped=(), pinned_key=None, hedge=alias.hedge)
+
     def _skip_open(
         self, alias: str, skipped: list[Skip], held_open: list[tuple[float, Target, dict[str, Any]]]
     ) -> None:
@@ -633,10 +668,14 @@ class Router:
                 raise DeadlineExceededError(alias, attempts, plan.deadline_s)
             tries += 1
             limit = min(target.timeout_s, remaining)
-            if plan.stream and target.first_token_timeout_s:
-                limit = min(limit, target.first_token_timeout_s)
+            limits = None
+            if plan.stream:  # wall-clock bounds: keep-alives and empty deltas reset no timer
+                first = min(target.first_token_timeout_s or target.timeout_s, remaining)
+                idle = target.stream_idle_timeout_s or target.timeout_s
+                limits = _litellm.StreamLimits(first, idle, remaining)
             send = {**kwargs, "timeout": limit}
             if self._hooks:
+                plan.call.key_name = key.name if key is not None else None
                 hook = partial(self._hooks.before_attempt, plan.call, target, send)
                 _raised((yield _Run(hook, self._hooks.blocking)))
             if key is not None:
@@ -645,7 +684,7 @@ class Router:
                 m.key_used(target.provider, key.name)
             t0 = clock()
             try:
-                reply = yield _Send(send, plan.stream)
+                reply = yield _Send(send, plan.stream, limits)
             except GeneratorExit:  # the caller went away mid-request: the attempt still counts
                 self._attempted(plan, target, "cancelled", clock() - t0, key)
                 raise
@@ -662,7 +701,8 @@ class Router:
                     answer, reply = None, exc
             if answer is not None:
                 cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
-                self._attempted(plan, target, "success", took, key, attempts, billed=(answer.usage, cost, source))
+                billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
+                self._attempted(plan, target, "success", took, key, attempts, billed=billed, answered=answered)
                 self._record_health(target, False, probe)
                 return Result(
                     text=answer.text,
@@ -747,13 +787,15 @@ class Router:
             took = clock() - t0
             usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
             cost, source = self._bill(alias, target, usage, None)
-            self._attempted(plan, target, "cancelled", took, key, billed=(usage, cost, source))
+            answered = (state.model, state.finish_reason)
+            self._attempted(plan, target, "cancelled", took, key, billed=(usage, cost, source), answered=answered)
             raise
         took = clock() - t0
         usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
         cost, source = self._bill(alias, target, usage, state.provider_cost)
+        billed, answered = (usage, cost, source), (state.model, state.finish_reason)
         if state.error is None and state.finished:
-            self._attempted(plan, target, "success", took, key, attempts, billed=(usage, cost, source))
+            self._attempted(plan, target, "success", took, key, attempts, billed=billed, answered=answered)
             self._record_health(target, False, probe)
             return Result(
                 text=state.text,
@@ -772,8 +814,10 @@ class Router:
             scrub(state.error, plan.snap.secrets)
             error = redact(_litellm.classify_error(state.error).message, plan.snap.secrets)
         else:
-            error = "the stream ended without a finish reason"
-        self._attempted(plan, target, "stream_interrupted", took, key, attempts, error, billed=(usage, cost, source))
+            error = state.unfinished_reason
+        self._attempted(
+            plan, target, "stream_interrupted", took, key, attempts, error, billed=billed, answered=answered
+        )
         m.interrupted(alias, p, model)
         self._record_health(target, True, probe)
         log.warning("%s: stream from %s broke off after %d characters: %s", alias, target.key, len(state.text), error)
@@ -863,8 +907,10 @@ class Router:
                 if answer is not None:
                     also = yield from self._cancel_race(plan, racing, attempts)
                     cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
-                    billed = (answer.usage, cost, source)
-                    self._attempted(plan, target, "success", took, entry.key, attempts, billed=billed)
+                    billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
+                    self._attempted(
+                        plan, target, "success", took, entry.key, attempts, billed=billed, answered=answered
+                    )
                     self._record_health(target, False, entry.probe)
                     if entry.hedge:
                         m.hedge_won(alias, target.provider, target.model)
@@ -885,11 +931,13 @@ class Router:
                 scrub(reply, plan.snap.secrets)
                 failure = _litellm.classify_error(reply)
                 error = redact(failure.message, plan.snap.secrets)
+                stop = failure.outcome not in fallback_on
+                if stop:  # the rest are cancelled first, so the call's outcome is this failure's
+                    yield from self._cancel_race(plan, racing, attempts)
                 self._attempted(plan, target, failure.outcome, took, entry.key, attempts, error, failure.status_code)
                 self._record_health(target, _health_signal(failure.outcome), entry.probe)
                 log.warning("%s: %s failed (%s) in a hedged race", alias, target.key, failure.outcome)
-                if failure.outcome not in fallback_on:
-                    yield from self._cancel_race(plan, racing, attempts)
+                if stop:
                     raise ProviderError(alias, attempts) from reply
                 last = (failure, reply)
         except GeneratorExit:  # the caller went away mid-race: every request still counts
@@ -910,11 +958,16 @@ class Router:
         is_hedge: bool,
     ) -> Generator[_Step, Any, tuple[int, _Racing]]:
         """Start one raced request: its handle and what the race keeps of it."""
-        limit = min(target.timeout_s, deadline - self._clock())
-        if plan.stream and target.first_token_timeout_s:
-            limit = min(limit, target.first_token_timeout_s)
+        remaining = deadline - self._clock()
+        limit = min(target.timeout_s, remaining)
+        limits = None
+        if plan.stream:  # as in _on_target: wall-clock bounds that keep-alives and empty deltas do not reset
+            first = min(target.first_token_timeout_s or target.timeout_s, remaining)
+            idle = target.stream_idle_timeout_s or target.timeout_s
+            limits = _litellm.StreamLimits(first, idle, remaining)
         send = {**kwargs, "timeout": limit}
         if self._hooks:
+            plan.call.key_name = key.name if key is not None else None
             _raised((yield _Run(partial(self._hooks.before_attempt, plan.call, target, send), self._hooks.blocking)))
         if key is not None:
             send["api_key"] = key.secret.get_secret_value()
@@ -922,7 +975,7 @@ class Router:
         if is_hedge:
             self.metrics.hedged(plan.alias, target.provider, target.model)
             log.info("%s: no answer yet, hedging on %s", plan.alias, target.key)
-        handle = yield _Launch(send, plan.stream)
+        handle = yield _Launch(send, plan.stream, limits)
         return handle, _Racing(target, send, key, probe, self._clock(), is_hedge)
 
     def _hedge_target(
@@ -966,27 +1019,29 @@ class Router:
             e = racing.pop(handle)
             took = self._clock() - e.t0
             outcome, error, status, billed = cut, None, None, None
+            answered: tuple[str | None, str | None] = (None, None)
+            if reply is not None and not isinstance(reply, (BaseException, _litellm.StreamState)):
+                try:
+                    answer = _litellm.read_response(reply)
+                except _litellm.InvalidResponse as exc:  # a content_filter answer among them: a failure
+                    reply = exc
+                else:  # it answered too: the provider bills it
+                    outcome, answered = "success", (answer.model, answer.finish_reason)
+                    billed = (answer.usage, *self._bill(plan.alias, e.target, answer.usage, answer.provider_cost))
             if isinstance(reply, _litellm.StreamState):  # it had sent text: what came is billed
                 usage = reply.reported_usage or _litellm.count_tokens(e.target, e.send["messages"], reply.text)
                 billed = (usage, *self._bill(plan.alias, e.target, usage, reply.provider_cost))
+                answered = (reply.model, reply.finish_reason)
             elif isinstance(reply, BaseException) and not isinstance(reply, asyncio.CancelledError):
                 scrub(reply, plan.snap.secrets)
                 failure = _litellm.classify_error(reply)
                 outcome, status = failure.outcome, failure.status_code
                 error = redact(failure.message, plan.snap.secrets)
-            elif reply is not None and not isinstance(reply, BaseException):
-                try:
-                    answer = _litellm.read_response(reply)
-                except _litellm.InvalidResponse:
-                    answer = None
-                if answer is not None:  # it answered too: the provider bills it
-                    outcome = "success"
-                    billed = (answer.usage, *self._bill(plan.alias, e.target, answer.usage, answer.provider_cost))
             if billed is not None:
                 also += billed[1]
             if outcome == cut:  # at least this slow: keeps the tail in the percentile
                 self._latencies.add(e.target.key, plan.stream, took)
-            self._attempted(plan, e.target, outcome, took, e.key, attempts, error, status, billed)
+            self._attempted(plan, e.target, outcome, took, e.key, attempts, error, status, billed, answered)
         racing.clear()
         return also
 
@@ -1001,8 +1056,10 @@ class Router:
         error: str | None = None,
         status_code: int | None = None,
         billed: tuple[Usage, float, CostSource] | None = None,
+        answered: tuple[str | None, str | None] = (None, None),
     ) -> None:
-        """One request ended: count it, add it to the call's attempts, tell the hooks."""
+        """One request ended: count it, add it to the call's attempts, tell the hooks (`answered`: the response's
+        model and finish reason)."""
         self.metrics.attempt(plan.alias, target.provider, target.model, outcome, took)
         if plan.hedge is not None and outcome == "success" and not plan.stream:
             self._latencies.add(target.key, False, took)
@@ -1011,7 +1068,8 @@ class Router:
             attempts.append(attempt)
         if self._hooks:
             usage, cost, source = billed if billed is not None else (None, None, None)
-            report = AttemptReport(target, attempt, key.name if key is not None else None, usage, cost, source)
+            name = key.name if key is not None else None
+            report = AttemptReport(target, attempt, name, usage, cost, source, *answered)
             self._hooks.attempt_finished(plan.call, report)
 
     def _bill(self, alias: str, target: Target, usage: Usage, provider_cost: float | None) -> tuple[float, CostSource]:
@@ -1128,11 +1186,8 @@ def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: 
         r = ref()
         if r is None:
             return
-        try:
-            changed = hashlib.sha256(path.read_bytes()).hexdigest() != r.config.sha256
-        except OSError:  # mid-replace, or removed: the next poll looks again
-            changed = False
-        if changed:
+        digest = file_sha256(path)  # None: mid-replace or removed, and the next poll looks again
+        if digest is not None and digest != r.config.sha256:
             r.reload()
         del r
 
@@ -1229,7 +1284,7 @@ class Stream(_StreamBase):
             return self._pending.pop(0)
         while not self._done:
             try:
-                chunk = next(self._state.stream)
+                chunk = self._state.next_chunk()
             except StopIteration:
                 self._finish(None)
                 break
@@ -1266,7 +1321,7 @@ class AsyncStream(_StreamBase):
             return self._pending.pop(0)
         while not self._done:
             try:
-                chunk = await self._state.stream.__anext__()
+                chunk = await self._state.anext_chunk()
             except StopAsyncIteration:
                 self._finish(None)
                 break

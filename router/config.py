@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import math
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+import yaml.composer
+import yaml.constructor
+import yaml.resolver
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -50,7 +55,7 @@ DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class RetryConfig(_Model):
@@ -94,7 +99,14 @@ class DefaultsConfig(_Model):
     timeout_s: PositiveFloat = Field(30.0, description="Timeout of one attempt, in seconds.")
     deadline_s: PositiveFloat = Field(90.0, description="Bound on a whole generate() call, retries included.")
     first_token_timeout_s: PositiveFloat | None = Field(
-        None, description="Streaming: abandon a target that sends no text in this time (and stalls as long later)."
+        None,
+        description="Streaming: abandon a target whose first text has not come this long after the request, "
+        "whatever else came (keep-alives, reasoning, empty deltas); default timeout_s.",
+    )
+    stream_idle_timeout_s: PositiveFloat | None = Field(
+        None,
+        description="Streaming: end a stream with StreamInterruptedError when no text comes for this long after "
+        "its first (default timeout_s); deadline_s still bounds the whole stream.",
     )
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
@@ -196,8 +208,9 @@ class TargetConfig(_Model):
     provider: str
     model: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
-    weight: NonNegativeFloat = Field(1.0, description="Share of a tier's traffic (only in a tier).")
+    weight: NonNegativeFloat = Field(1.0, le=1e6, description="Share of a tier's traffic (only in a tier).")
     first_token_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.first_token_timeout_s.")
+    stream_idle_timeout_s: PositiveFloat | None = Field(None, description="Overrides defaults.stream_idle_timeout_s.")
 
     @model_validator(mode="before")
     @classmethod
@@ -255,10 +268,11 @@ class AliasConfig(_Model):
 class PricingConfig(_Model):
     """Price of a target in USD, per million tokens or per thousand tokens."""
 
-    input_per_1m: NonNegativeFloat | None = None
-    output_per_1m: NonNegativeFloat | None = None
-    input_per_1k: NonNegativeFloat | None = None
-    output_per_1k: NonNegativeFloat | None = None
+    # Bounded so that no usage can make a cost overflow to inf (the dearest models cost hundreds per 1M).
+    input_per_1m: NonNegativeFloat | None = Field(None, le=1e6)
+    output_per_1m: NonNegativeFloat | None = Field(None, le=1e6)
+    input_per_1k: NonNegativeFloat | None = Field(None, le=1e3)
+    output_per_1k: NonNegativeFloat | None = Field(None, le=1e3)
 
     @model_validator(mode="after")
     def _one_unit(self) -> PricingConfig:
@@ -339,6 +353,130 @@ class HedgeConfig(_Model):
             raise ValueError("give after_s or after_percentile (or both: after_s until enough latencies are known)")
         return self
 
+# -- tracing --
+
+
+class TracingConfig(_Model):
+    """OpenTelemetry spans (needs the `otel` extra): one per call, a child per attempt, GenAI conventions."""
+
+    enabled: bool = Field(True, description="false: no spans (the section may stay, switched off).")
+    capture_content: bool = Field(
+        False, description="Record prompts and completions on the call span (gen_ai.input/output.messages)."
+    )
+
+
+# -- shared health state --
+
+
+class StateConfig(_Model):
+    """Where breaker and key-pool state lives: this process, a SQLite file for a host's workers, or Redis."""
+
+    backend: Literal["memory", "sqlite", "redis"] = Field(
+        "memory", description="memory: each process its own; sqlite: every worker of a host; redis: a fleet."
+    )
+    path: str | None = Field(None, description="sqlite: the database file, on a local disk every worker sees.")
+    url: SecretStr | None = Field(None, description='redis: its URL, e.g. "${REDIS_URL}" (redis://host:6379/0).')
+    prefix: str = Field(
+        "llm-router", pattern=r"^[A-Za-z0-9_.:\-]+$", description="Name of this router's state in the store."
+    )
+    sync_s: float = Field(0.25, gt=0, le=5, description="How often each process refreshes its view of the store.")
+    timeout_s: PositiveFloat = Field(0.5, description="Bound on one exchange with the store.")
+
+    @model_validator(mode="after")
+    def _backend_needs(self) -> StateConfig:
+        if self.backend == "sqlite" and not self.path:
+            raise ValueError("backend sqlite needs path: the database file")
+        if self.backend == "redis" and not (self.url and self.url.get_secret_value()):
+            raise ValueError('backend redis needs url, e.g. url: "${REDIS_URL}" (is the variable set?)')
+        if self.backend != "sqlite" and self.path is not None:
+            raise ValueError(f"path is for backend sqlite, not {self.backend}")
+        if self.backend != "redis" and self.url is not None:
+            raise ValueError(f"url is for backend redis, not {self.backend}")
+        return self
+
+# -- ledger and budgets --
+
+
+class LedgerConfig(_Model):
+    """Where every call is recorded: a SQLite file (`path`, the default) or PostgreSQL (`dsn`), written in batches."""
+
+    path: str | None = Field(None, description="SQLite file (default llm-router-ledger.sqlite3 when no dsn).")
+    dsn: SecretStr | None = Field(
+        None, description='PostgreSQL DSN, e.g. "${DATABASE_URL}" (needs llm-router[postgres]).'
+    )
+    flush_interval_s: PositiveFloat = Field(
+        1.0, description="Rows are written at least this often (a crash loses less)."
+    )
+    batch_size: PositiveInt = Field(500, description="At most this many rows per write.")
+    spool_path: str | None = Field(
+        None, description="Local file rows wait in while the database is down (default: next to the SQLite file or ./)."
+    )
+
+    @model_validator(mode="after")
+    def _one_database(self) -> LedgerConfig:
+        if self.path is not None and self.dsn is not None:
+            raise ValueError("give path (SQLite) or dsn (PostgreSQL), not both")
+        if self.dsn is not None and not self.dsn.get_secret_value():
+            raise ValueError("dsn is empty")
+        return self
+
+    @property
+    def backend(self) -> Literal["sqlite", "postgres"]:
+        """Which database the ledger is in."""
+        return "postgres" if self.dsn is not None else "sqlite"
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file (SQLite backend)."""
+        return self.path or "llm-router-ledger.sqlite3"
+
+
+class BudgetConfig(_Model):
+    """A spend limit per calendar period (UTC) over the calls in its scope; every scope field given must match."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    period: Literal["hour", "day", "month"] = Field(description="Calendar-aligned in UTC: it resets on the hour, ...")
+    limit_usd: NonNegativeFloat
+    alias: str | None = Field(None, description="Scope: calls to this alias.")
+    provider: str | None = Field(None, description="Scope: requests to this provider.")
+    key: str | None = Field(None, description="Scope: requests with this named key.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Scope: calls with these tag values.")
+    per_tag: str | None = Field(
+        None, description="One limit for each value of this tag (calls without it: out of scope)."
+    )
+    fallback: str | None = Field(None, description="When reached: reroute the call to this alias instead of raising.")
+    unpriced: Literal["refuse", "allow"] = Field("refuse", description="A target with no known price: refuse or pass.")
+    if_unavailable: Literal["refuse", "allow"] = Field(
+        "refuse", description="The database is unreachable: refuse calls in scope, or let them through unchecked."
+    )
+
+
+def _check_budgets(cfg: RouterConfig, src: _Source) -> None:
+    seen: set[str] = set()
+    for i, b in enumerate(cfg.budgets):
+        loc: tuple[Any, ...] = ("budgets", i)
+        if b.name in seen:
+            src.problem(loc + ("name",), f"budget name {b.name!r} is used twice")
+        seen.add(b.name)
+        for name in filter(None, (b.alias, b.fallback)):
+            if name not in cfg.aliases:
+                field_name = "alias" if name == b.alias else "fallback"
+                src.problem(
+                    loc + (field_name,), f"alias {name!r} is not defined under aliases{_suggest(name, cfg.aliases)}"
+                )
+        if b.fallback is not None and b.fallback == b.alias:
+            src.problem(loc + ("fallback",), "falls back to the alias it limits")
+        if b.provider is not None and b.provider not in cfg.providers:
+            src.problem(
+                loc + ("provider",), f"provider {b.provider!r} is not defined{_suggest(b.provider, cfg.providers)}"
+            )
+        if b.key is not None:
+            names = {k.name for p in cfg.providers.values() for k in p.api_keys() if k.named}
+            if b.key not in names:
+                src.problem(loc + ("key",), f"no provider has a key named {b.key!r}{_suggest(b.key, names)}")
+    if cfg.budgets and cfg.ledger is None:
+        src.problem(("budgets",), "budgets keep their spend in the ledger's database: add a ledger: section")
+
 
 class RouterConfig(_Model):
     """The whole config file."""
@@ -350,6 +488,10 @@ class RouterConfig(_Model):
     pricing: dict[str, PricingConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
     cache: CacheConfig | None = Field(None, description="The response cache's store (default: in this process).")
+    tracing: TracingConfig | None = Field(None, description="OpenTelemetry traces (absent: none).")
+    state: StateConfig = StateConfig()
+    ledger: LedgerConfig | None = Field(None, description="Record every call (SQLite file or PostgreSQL).")
+    budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits, checked before requests.")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
@@ -389,6 +531,7 @@ class Target:
     pricing: PricingConfig | None = None
     weight: float = 1.0
     first_token_timeout_s: float | None = None
+    stream_idle_timeout_s: float | None = None
     enabled: bool = True
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
     key: str = field(init=False)
@@ -460,11 +603,165 @@ def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str], lis
     return _VAR.sub(sub, value), used, unset
 
 
+def _bad_reference(value: str) -> str | None:
+    """The first `${` that is not a whole `${NAME}` or `${NAME:-default}` (a typo, or a nested default), if any.
+
+    Left as text it would be sent on as it is, as a key or a URL; an env var's value is never expanded again.
+    """
+    at = 0
+    for m in _VAR.finditer(value):
+        if "${" in value[at : m.start()]:
+            break
+        if m.group(2) is not None and "${" in m.group(2):
+            return m.group(0) + "}"
+        at = m.end()
+    start = value.find("${", at)
+    if start < 0:
+        return None
+    end = value.find("}", start)
+    return value[start : end + 1 if end >= 0 else start + 40]
+
+
 def _key_path(loc: Iterable[Any]) -> str:
     out = ""
     for part in loc:
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out
+
+
+# -- what a config file may cost to load: a bad file costs a ConfigError, never the process --
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+"""Largest config file read (4 MiB; a config with 10,000 aliases is under 1 MiB)."""
+MAX_CONFIG_NODES = 250_000
+"""Most values (every scalar, list and mapping) a file may hold once YAML aliases are expanded."""
+MAX_CONFIG_DEPTH = 64
+"""Deepest nesting of lists and mappings, aliases expanded (a real config nests under 10 levels)."""
+_too_deep = f"nested deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)"
+_MAX_INT_DIGITS = 30  # past this a YAML int is a typo, and int() of thousands of digits raises ValueError
+
+# JSON's types and nothing else: no tag may construct an object (PyYAML's safe tags include bytes, sets,
+# dates and ordered pairs, which the router would pass on to providers it cannot serialize them for).
+_PLAIN_TAGS = frozenset(
+    f"tag:yaml.org,2002:{t}" for t in ("null", "bool", "int", "float", "str", "seq", "map", "merge")
+)
+
+
+class _LimitError(yaml.YAMLError):
+    """The document breaks a loading limit or uses a forbidden tag; raised while composing, before expansion."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class _Bounded(yaml.composer.Composer):
+    """A composer that counts what the document expands to while it composes the node graph.
+
+    Every node composed counts 1 and every alias the expanded size of the node it points at, so an alias
+    bomb is refused at the alias that crosses MAX_CONFIG_NODES, having cost no more than its own text.
+    """
+
+    # A date or `=` stays a string, as in JSON: `2024-08-06` is a model version, not a datetime.
+    yaml_implicit_resolvers = {  # noqa: RUF012 (PyYAML's own class attribute)
+        first: [(tag, rx) for tag, rx in resolvers if tag in _PLAIN_TAGS]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def _start_counting(self) -> None:
+        self._depth = 0  # lists and mappings open around the node being composed
+        self._total = 0  # values of the document so far, aliases expanded
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) of its expansion
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[attr-defined]
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            node = super().compose_node(parent, index)
+            size = self._sizes.get(id(node))
+            if size is None:
+                raise _LimitError(line, f"alias *{event.anchor} refers to itself: a config cannot contain itself")
+            self._count(line, size, f"alias *{event.anchor}")
+            return node
+        tag = getattr(event, "tag", None)
+        if tag is not None and tag not in ("!", *_PLAIN_TAGS):
+            raise _LimitError(
+                line,
+                f"tag {tag.replace('tag:yaml.org,2002:', '!!')} is not allowed: a config holds only strings, "
+                "numbers, booleans, null, lists and mappings",
+            )
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            self._depth += 1
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise _LimitError(line, _too_deep)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+                self._depth -= 1
+        if node is None:
+            return None
+        if isinstance(node, yaml.ScalarNode):
+            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > _MAX_INT_DIGITS:
+                raise _LimitError(line, f"integer of {len(node.value)} digits is too large")
+            size = (1, 0)
+        else:
+            children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else node.value
+            sizes = [self._sizes[id(c)] for c in children]
+            size = (1 + sum(n for n, _ in sizes), 1 + max((d for _, d in sizes), default=0))
+        self._sizes[id(node)] = size
+        self._total += 1
+        if self._total > MAX_CONFIG_NODES:
+            raise _LimitError(line, f"the document holds over {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES)")
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)  # type: ignore[misc]
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+            # PyYAML's scalar constructors raise these for `!!int ""`, `0b_` or `!!bool maybe`
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise _LimitError(node.start_mark.line + 1, f"{node.value[:40]!r} is not a valid {tag}") from None
+
+    def _count(self, line: int, size: tuple[int, int], what: str) -> None:
+        values, levels = size
+        self._total += values
+        if self._total > MAX_CONFIG_NODES:
+            raise _LimitError(
+                line,
+                f"{what} expands the document past {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES): "
+                "an alias bomb, or aliases nested too deep",
+            )
+        if self._depth + levels > MAX_CONFIG_DEPTH:
+            raise _LimitError(line, f"{what} nests deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)")
+
+
+class _PyLoader(_Bounded, yaml.SafeLoader):
+    """PyYAML's pure-Python safe loader, composing through `_Bounded`."""
+
+    def __init__(self, text: str) -> None:
+        yaml.SafeLoader.__init__(self, text)
+        self._start_counting()
+
+
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _CLoader(_Bounded, CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+        """libyaml parses (4x faster); composing, counting and constructing stay in Python, as in `_PyLoader`."""
+
+        def __init__(self, text: str) -> None:
+            CParser.__init__(self, text)
+            yaml.constructor.SafeConstructor.__init__(self)
+            yaml.resolver.Resolver.__init__(self)
+            yaml.composer.Composer.__init__(self)
+            self._start_counting()
+
+    _Loader: type[_PyLoader] | type[_CLoader] = _CLoader
+else:  # pragma: no cover - PyYAML built without libyaml
+    _Loader = _PyLoader
 
 
 class _Source:
@@ -475,15 +772,28 @@ class _Source:
         self.lines: dict[tuple[Any, ...], int] = {}
         self.problems: list[ConfigProblem] = []
         try:
-            loader = yaml.SafeLoader(text)
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a str that never was a file's text
+            at = text.count("\n", 0, exc.start) + 1
+            raise ConfigError([ConfigProblem(file, at, "", "holds a character that is not Unicode text")]) from None
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError([_too_big(file, size)])
+        try:
+            loader = _Loader(text)
             try:
                 node = loader.get_single_node()
+                if node is not None:  # before constructing: that flattens `<<` merges into the nodes
+                    self._walk(node, ())
                 self.data = loader.construct_document(node) if node is not None else None
             finally:
                 loader.dispose()
+        except _LimitError as exc:
+            raise ConfigError([ConfigProblem(file, exc.line, "", exc.message)]) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             line = mark.line + 1 if mark else None
+            if "maximum nesting depth" in str(exc.problem):  # libyaml's own bound, met while scanning ahead
+                raise ConfigError([ConfigProblem(file, line, "", _too_deep)]) from None
             what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
             bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
             if "${" in bad_line:
@@ -491,14 +801,16 @@ class _Source:
             raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {what}")]) from None
         except yaml.YAMLError as exc:
             raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {exc}")]) from None
-        if node is not None:
-            self._walk(node, ())
 
     def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
         if isinstance(node, yaml.MappingNode):
             seen: dict[Any, int] = {}
+            merged: list[yaml.Node] = []
             for k, v in node.value:
-                key = k.value
+                if k.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys count where not given here
+                    merged += v.value if isinstance(v, yaml.SequenceNode) else [v]
+                    continue
+                key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>"
                 if key in seen:
                     self.problem(
                         path + (key,), f"duplicate key (first defined on line {seen[key]})", k.start_mark.line + 1
@@ -506,6 +818,13 @@ class _Source:
                 seen.setdefault(key, k.start_mark.line + 1)
                 self.lines[path + (key,)] = k.start_mark.line + 1
                 self._walk(v, path + (key,))
+            for base in merged:
+                if isinstance(base, yaml.MappingNode):
+                    for k, v in base.value:
+                        key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>"
+                        if path + (key,) not in self.lines:
+                            self.lines[path + (key,)] = k.start_mark.line + 1
+                            self._walk(v, path + (key,))
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
                 self.lines[path + (i,)] = item.start_mark.line + 1
@@ -541,7 +860,14 @@ def _interpolate_tree(
             return {k: walk(v, loc + (k,)) for k, v in x.items()}
         if isinstance(x, list):
             return [walk(v, loc + (i,)) for i, v in enumerate(x)]
+        if isinstance(x, float) and not math.isfinite(x):
+            src.problem(loc, "must be a finite number, not .inf or .nan")
+            return x
         if not isinstance(x, str) or "$" not in x:
+            return x
+        bad = _bad_reference(x)
+        if bad:
+            src.problem(loc, f"{bad!r} is not an env var reference: write ${{NAME}} or ${{NAME:-default}} ($$ for a $)")
             return x
         text, used, unset = interpolate(x, env)
         index = _key_index(loc)
@@ -678,6 +1004,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         pricing=cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}"),
                         weight=t.weight,
                         first_token_timeout_s=t.first_token_timeout_s or d.first_token_timeout_s,
+                        stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
                         enabled=provider.enabled,
                         circuit=_circuit(d.circuit, provider.circuit),
                     )
@@ -689,6 +1016,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
         if key not in spelled:
             src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
     cfg._tiers = tiers
+    _check_budgets(cfg, src)
 
 
 def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:
@@ -702,25 +1030,93 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
 
     `${VAR}` and `${VAR:-default}` are expanded from `env` (default: the process environment). An api_key whose
     variable is unset is allowed: its targets are skipped at call time. Raises `ConfigError` whose message has
-    one line per problem, ``FILE:LINE: key.path: what is wrong``.
+    one line per problem, ``FILE:LINE: key.path: what is wrong``, and nothing else, whatever the file holds:
+    it reads at most MAX_CONFIG_BYTES and refuses documents past MAX_CONFIG_NODES or MAX_CONFIG_DEPTH before
+    expanding them, so a live worker can reload any file.
     """
     p = Path(path)
+    raw = _read_bounded(p)
     try:
-        raw = p.read_bytes()
         text = raw.decode("utf-8")
-    except FileNotFoundError:
-        raise ConfigError([ConfigProblem(str(p), None, "", "config file not found")]) from None
-    except IsADirectoryError:
-        raise ConfigError([ConfigProblem(str(p), None, "", "is a directory, not a config file")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigProblem(str(p), None, "", "is not UTF-8 text")]) from None
-    except OSError as exc:
-        raise ConfigError(
-            [ConfigProblem(str(p), None, "", f"cannot read: {exc.strerror or exc.__class__.__name__}")]
-        ) from None
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([ConfigProblem(str(p), line, "", "is not UTF-8 text; save the file as UTF-8")]) from None
     cfg = parse_config(text, str(p), env)
     cfg._sha256 = hashlib.sha256(raw).hexdigest()  # the file's bytes, as sha256sum prints it
     return cfg
+
+
+def _read_bounded(p: Path) -> bytes:
+    """The file's bytes, at most MAX_CONFIG_BYTES of them, read from one open file so they are one version."""
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError([ConfigProblem(str(p), None, "", message)])
+
+    try:
+        # O_NONBLOCK: opening a pipe that has no writer would otherwise wait for one, holding the reload lock
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise fail("config file not found") from None
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
+    try:
+        before = os.fstat(fd)
+        if stat.S_ISDIR(before.st_mode):
+            raise fail("is a directory, not a config file")
+        if not stat.S_ISREG(before.st_mode):
+            raise fail("is not a regular file (a pipe, socket or device); point to the config file itself")
+        if before.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([_too_big(str(p), before.st_size)])
+        chunks: list[bytes] = []
+        left = MAX_CONFIG_BYTES + 1  # the file may have grown since fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise fail(f"cannot read: {exc.strerror or exc.__class__.__name__}") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([_too_big(str(p), len(raw))])
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ctime_ns,
+    ) or len(raw) != after.st_size:
+        # Written in place while read (an editor that does not rename): the bytes may be half of each version.
+        raise fail("changed while it was read; it is read again at its next change (or call reload())")
+    return raw
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """sha256 of the file's bytes as `load_config` would read them, for telling whether it changed; "" for
+    what is no regular file (load_config refuses it) and None when it cannot be opened. Never waits on a pipe."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        with os.fdopen(fd, "rb") as f:
+            fd = -1
+            return hashlib.sha256(f.read(MAX_CONFIG_BYTES + 1)).hexdigest()
+    except OSError:
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _too_big(file: str, size: int) -> ConfigProblem:
+    return ConfigProblem(
+        file, None, "", f"is {size:,} bytes, over the {MAX_CONFIG_BYTES:,}-byte limit (MAX_CONFIG_BYTES)"
+    )
 
 
 def config_schema() -> dict[str, Any]:
@@ -741,6 +1137,8 @@ def config_schema() -> dict[str, Any]:
                     "target": short,
                     "weight": {"type": "number", "minimum": 0},
                     "params": {"type": "object"},
+                    "first_token_timeout_s": {"type": "number", "exclusiveMinimum": 0},
+                    "stream_idle_timeout_s": {"type": "number", "exclusiveMinimum": 0},
                 },
             },
         ]

@@ -10,6 +10,8 @@ The hierarchy::
     ├── ProviderError                        a failure that is not fallen back from      .attempts .outcome .status_code
     │                                        (e.g. a 400); the litellm exception is its __cause__
     ├── StreamInterruptedError               a stream broke after text was yielded       .text .usage .cost_usd
+    ├── BudgetExceededError                  a budget refused the call before any request .budget .spent_usd
+    │                                        (limit reached, price unknown, store down)   .limit_usd .resets_at .reason
     └── AllTargetsFailedError                every target was tried and failed           .alias .attempts
         └── DeadlineExceededError            the call's deadline ran out first           .deadline_s
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -139,6 +142,51 @@ class StreamInterruptedError(RouterError):
             f"alias {alias!r}: the stream from {last.provider}/{last.model} broke off after {len(text)} characters "
             f"({last.error}); .text holds what came"
         )
+
+
+class BudgetExceededError(RouterError):
+    """A `budgets:` entry refused the call before its request was sent; `.reason` says why.
+
+    `reason` is "limit" (the call's worst-case cost does not fit in what is left), "unpriced" (the target has
+    no known price, so its cost cannot be bounded) or "unavailable" (the budget's database cannot be reached).
+    """
+
+    outcome = "budget_exceeded"
+
+    def __init__(
+        self,
+        budget: str,
+        spent_usd: float,
+        limit_usd: float,
+        resets_at: datetime,
+        reason: str = "limit",
+        needed_usd: float = 0.0,
+        target: str = "",
+        scope_value: str | None = None,
+    ) -> None:
+        self.budget = budget
+        self.spent_usd = spent_usd
+        self.limit_usd = limit_usd
+        self.resets_at = resets_at
+        self.reason = reason
+        self.needed_usd = needed_usd
+        self.target = target
+        self.scope_value = scope_value
+        of = f"budget {budget!r}" + (f" ({scope_value})" if scope_value is not None else "")
+        when = resets_at.strftime("%Y-%m-%d %H:%M UTC")
+        if reason == "unpriced":
+            msg = (
+                f"{of} cannot bound the cost of {target}: its price is unknown; give it a pricing: entry "
+                f"(or set unpriced: allow on the budget)"
+            )
+        elif reason == "unavailable":
+            msg = f"{of} cannot be checked: its database is unreachable (set if_unavailable: allow to pass calls)"
+        else:
+            msg = (
+                f"{of} cannot cover this call: ${spent_usd:.6f} of ${limit_usd:.6f} is used or reserved and the "
+                f"call may cost up to ${needed_usd:.6f} on {target}; it resets at {when}, or raise limit_usd"
+            )
+        super().__init__(msg)
 
 
 class AllTargetsFailedError(RouterError):

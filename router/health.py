@@ -1,8 +1,9 @@
 """Live health of targets and keys: circuit breakers and benched keys.
 
-State lives behind small store interfaces (`CircuitStore`, `KeyStore`) with in-process defaults, so a shared
-store for many replicas can replace them without touching the attempt loop. Transitions are pure functions
-of plain data (`Circuit`, `CircuitConfig`, a timestamp); the stores only add locking.
+State lives behind small store interfaces (`CircuitStore`, `KeyStore`) with in-process defaults; the config's
+`state:` section swaps in stores shared by a host's workers (SQLite) or a fleet (Redis), see `router.state`,
+without touching the attempt loop. Transitions are pure functions of plain data (`Circuit`, `CircuitConfig`,
+a timestamp); the stores only add locking (and, shared, a local view synced in the background).
 
 Circuit states: ``closed`` (requests flow) → ``open`` after `failure_threshold` consecutive counted failures,
 or a failure ratio over `window_s` → after `cooldown_s`, ``half_open``: one probe request is let through →
@@ -13,11 +14,15 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from .config import ApiKey, CircuitConfig
+from .config import ApiKey, CircuitConfig, StateConfig
+
+if TYPE_CHECKING:
+    from .metrics import RouterMetrics
+    from .state import SharedState
 
 CircuitState = Literal["closed", "half_open", "open"]
 STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
@@ -190,3 +195,12 @@ class MemoryKeyStore:
         """See `KeyStore.benched_until`."""
         with self._lock:
             return self._benched.get((provider, key), 0.0)
+
+
+def shared_state(cfg: StateConfig, metrics: RouterMetrics | None, clock: Callable[[], float]) -> SharedState | None:
+    """The shared stores a `state:` section asks for; None for `memory` (each process its own, the default)."""
+    if cfg.backend == "memory":
+        return None
+    from .state import shared_state
+
+    return shared_state(cfg, metrics, clock)

@@ -56,8 +56,10 @@ def hedge_delay(after_s: float | None, percentile: float | None, seen: float | N
     return after_s
 
 
-def _request(kwargs: dict[str, Any], stream: bool) -> Coroutine[Any, Any, Any]:
-    return _litellm.aopen_stream(kwargs) if stream else _litellm.acomplete(kwargs)
+def _request(
+    kwargs: dict[str, Any], stream: bool, limits: _litellm.StreamLimits | None
+) -> Coroutine[Any, Any, Any]:
+    return _litellm.aopen_stream(kwargs, limits) if stream else _litellm.acomplete(kwargs)
 
 
 async def _close(reply: Any) -> None:
@@ -72,10 +74,10 @@ class AsyncRacer:
         self._ids = itertools.count(1)
         self._tasks: dict[int, asyncio.Task[Any]] = {}
 
-    def launch(self, kwargs: dict[str, Any], stream: bool) -> int:
-        """Start one request; its handle."""
+    def launch(self, kwargs: dict[str, Any], stream: bool, limits: _litellm.StreamLimits | None = None) -> int:
+        """Start one request (a stream held to `limits`); its handle."""
         handle = next(self._ids)
-        self._tasks[handle] = asyncio.ensure_future(_request(kwargs, stream))
+        self._tasks[handle] = asyncio.ensure_future(_request(kwargs, stream, limits))
         return handle
 
     async def wait(self, timeout: float) -> tuple[int, Any] | None:
@@ -148,10 +150,12 @@ def _on(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> concurrent.fut
 
 
 class SyncBridge:
-    """A litellm async stream, read by a sync caller through the background loop (a `Stream`'s source)."""
+    """A litellm async stream, read by a sync caller through the background loop (a `Stream`'s source), held to
+    the idle and total limits of the `StreamState` it feeds, as a stream read on its own thread is."""
 
-    def __init__(self, stream: Any, loop: asyncio.AbstractEventLoop) -> None:
-        self._stream = stream
+    def __init__(self, state: _litellm.StreamState, loop: asyncio.AbstractEventLoop) -> None:
+        self._stream = state.stream
+        self._state = state
         self._loop = loop
 
     def __iter__(self) -> SyncBridge:
@@ -160,7 +164,7 @@ class SyncBridge:
     def __next__(self) -> Any:
         async def step() -> tuple[bool, Any]:
             try:
-                return True, await self._stream.__anext__()
+                return True, await self._state.anext_chunk(self._stream)
             except StopAsyncIteration:
                 return False, None
 
@@ -194,10 +198,10 @@ class SyncRacer:
         self._ids = itertools.count(1)
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
 
-    def launch(self, kwargs: dict[str, Any], stream: bool) -> int:
-        """Start one request; its handle."""
+    def launch(self, kwargs: dict[str, Any], stream: bool, limits: _litellm.StreamLimits | None = None) -> int:
+        """Start one request (a stream held to `limits`); its handle."""
         handle = next(self._ids)
-        self._futures[handle] = _on(self._loop, _request(kwargs, stream))
+        self._futures[handle] = _on(self._loop, _request(kwargs, stream, limits))
         return handle
 
     def wait(self, timeout: float) -> tuple[int, Any] | None:
@@ -238,5 +242,5 @@ class SyncRacer:
 
     def _bridged(self, reply: Any) -> Any:
         if isinstance(reply, _litellm.StreamState):
-            reply.stream = SyncBridge(reply.stream, self._loop)
+            reply.stream = SyncBridge(reply, self._loop)
         return reply

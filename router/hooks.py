@@ -9,7 +9,9 @@ in `client.py` stays the one place that decides and `Router` stays small. A call
                                             to refuse it (a budget). Runs off the event loop when the hook
                                             is `blocking`.
     before_attempt(call, target, request)   before each request (retries and fallbacks included). May raise
-                                            a `RouterError` to stop the call. `blocking` as above.
+                                            a `RouterError` to stop the call, or `Reroute(alias, instead)`
+                                            to re-plan it, once, on another alias (a cheaper model).
+                                            `call.key_name` is the key it will use. `blocking` as above.
     attempt_finished(call, report)          after each request, however it ended (`AttemptReport`).
     call_finished(call, result, error)      once, when the call ends: answered, raised or cancelled
                                             (`call.outcome` says which).
@@ -83,6 +85,8 @@ class Call:
     requests: tuple[tuple[Target, Mapping[str, Any]], ...] = ()
     response_format: Format | None = None  # generate(response_format=...), as the router checks answers
     cache: bool = True  # False: generate(cache=False), the caller wants no answer from a cache
+    key_name: str | None = None  # the key of the request about to go out (before_attempt), never the secret
+    rerouted_to: str | None = None  # the alias a Reroute moved the call to
 
     @classmethod
     def new(
@@ -98,6 +102,16 @@ class Call:
         return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time(), **more)
 
 
+class Reroute(RouterError):
+    """Raised by `before_attempt`: re-plan the call on `alias` (its targets replace what is left). A call is
+    rerouted once; a second Reroute, or an alias that does not exist, raises `instead`."""
+
+    def __init__(self, alias: str, instead: RouterError) -> None:
+        self.alias = alias
+        self.instead = instead
+        super().__init__(f"reroute to alias {alias!r}: {instead}")
+
+
 @dataclass(frozen=True)
 class AttemptReport:
     """One finished request: the target, how it ended, the key's name, and what it was billed if anything."""
@@ -108,6 +122,8 @@ class AttemptReport:
     usage: Usage | None = None  # set when the attempt was billed (an answer, or a stream cut after text)
     cost_usd: float | None = None
     cost_source: CostSource | None = None
+    response_model: str | None = None  # the model the provider says answered (when it answered)
+    finish_reason: str | None = None
 
 
 class Hook:
@@ -193,8 +209,32 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
     """The hooks a config's own sections ask for, in the order they run; each concern's module is imported only
     when its section is present. Hooks passed to `Router(hooks=...)` run after these."""
     hooks: list[Hook] = []
+    tracing = config.tracing
+    if tracing is not None and tracing.enabled:  # first, so its spans take in the other hooks' work
+        try:
+            from .tracing import TracingHook
+        except ImportError as exc:
+            if not (exc.name or "").startswith("opentelemetry"):
+                raise
+            log.warning(
+                "tracing is on in the config but OpenTelemetry is not installed: pip install 'llm-router[otel]'"
+            )
+        else:
+            hooks.append(TracingHook(tracing))
+    # The cache before budgets and the ledger: a hit answers in call_started, so budgets reserve nothing for it
+    # and the ledger still sees the call finish.
     if config.cache is not None or any(a.cache is not None for a in config.aliases.values()):
         from .cache import CacheHook
 
         hooks.append(CacheHook(config.cache, metrics))
+    if config.ledger is not None:
+        from .store import open_store
+
+        if config.budgets:
+            from .budgets import Budgets
+
+            hooks.append(Budgets(config, metrics, open_store(config.ledger)))
+        from .ledger import Ledger
+
+        hooks.append(Ledger(config.ledger))
     return hooks

@@ -1,21 +1,65 @@
 """Prometheus metrics: the only place they are defined and recorded.
 
 Labels stay low-cardinality: alias, provider, model, outcome, reason. Never prompts, users or keys.
+
+Under several worker processes (gunicorn, uvicorn), set PROMETHEUS_MULTIPROC_DIR before they start:
+prometheus_client then keeps each process's values in files there, and `multiprocess_registry()` reads the
+aggregate of all of them. Counters and histograms sum over every worker that ever ran (a worker that exits
+loses no counts); the gauges count live workers only, so a worker marked dead (`mark_process_dead`, from
+gunicorn's `child_exit`) takes its in-flight calls, circuit states and config with it:
+
+    in_flight                           livesum         calls under way in all live workers
+    worker_processes                    livesum         the live workers (1 each)
+    circuit_state                       livemostrecent  the state a live worker recorded last
+    config_info                         livemax         each sha256 that some live worker has in force
+    config_last_reload_timestamp        livemin         every live worker has (re)loaded at or after this
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .config import DEFAULT_BUCKETS
 
 log = logging.getLogger("router")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+CONFIG_INFO_HELP = "1 for the config in force, by its sha256."
+_warned_late_env = False
+
+
+def multiprocess_dir() -> str | None:
+    """The directory of prometheus_client's multiprocess mode ($PROMETHEUS_MULTIPROC_DIR), or None when off."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+def _check_multiprocess() -> bool:
+    """Whether this process records into the multiprocess files; makes their directory if it is missing."""
+    global _warned_late_env
+    path = multiprocess_dir()
+    if path is None:
+        return False
+    if not getattr(values.ValueClass, "_multiprocess", False):
+        if not _warned_late_env:
+            _warned_late_env = True
+            log.warning(
+                "%s was set after prometheus_client was imported, so this process's metrics are not shared with "
+                "the other workers: set it in the environment the workers start with (see README)",
+                MULTIPROC_ENV,
+            )
+        return False
+    os.makedirs(path, exist_ok=True)
+    return True
 
 
 class RouterMetrics:
@@ -29,6 +73,7 @@ class RouterMetrics:
     ) -> None:
         self.registry = registry
         self.namespace = namespace
+        self.multiprocess = _check_multiprocess()
         kw: dict[str, Any] = {"namespace": namespace, "registry": registry}
         b = self.buckets = tuple(buckets)
         self.requests = Counter("requests_total", "generate() calls by final outcome.", ["alias", "outcome"], **kw)
@@ -91,20 +136,31 @@ class RouterMetrics:
             "circuit_state",
             "Breaker of each target: 0 closed, 1 half-open, 2 open.",
             ["provider", "model"],
-            multiprocess_mode="max",
+            multiprocess_mode="livemostrecent",
             **kw,
         )
         self.circuit_transitions = Counter(
             "circuit_transitions_total", "Breaker state changes.", ["provider", "model", "to"], **kw
         )
         self.config_reloads = Counter("config_reloads_total", "Config reloads by result.", ["result"], **kw)
-        self.config_info = Gauge(
-            "config_info", "1 for the config in force, by its sha256.", ["sha256"], multiprocess_mode="max", **kw
-        )
+        self.config_info = Gauge("config_info", CONFIG_INFO_HELP, ["sha256"], multiprocess_mode="livemax", **kw)
         self.config_last_reload = Gauge(
             "config_last_reload_timestamp_seconds",
             "Unix time of the last successful config (re)load.",
-            multiprocess_mode="max",
+            multiprocess_mode="livemin",
+            **kw,
+        )
+        self.budget_remaining_usd = Gauge(
+            "budget_remaining_usd",
+            "USD left in each budget's current period, as last settled (per-tag budgets: not reported).",
+            ["budget"],
+            multiprocess_mode="livemin",
+            **kw,
+        )
+        self.budget_rejections = Counter(
+            "budget_rejections_total",
+            "Requests a budget refused or rerouted before sending, by reason (limit, unpriced, unavailable).",
+            ["budget", "reason"],
             **kw,
         )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
@@ -126,6 +182,23 @@ class RouterMetrics:
         )
         self.hedge_wins = Counter(
             "hedge_wins_total", "Hedged requests that answered first.", ["alias", "provider", "model"], **kw
+        )
+        self.worker_processes = Gauge(
+            "worker_processes",
+            "Live processes recording these metrics (more than you run: exited workers are not marked dead).",
+            multiprocess_mode="livesum",
+            **kw,
+        )
+        self.worker_processes.set(1)
+        self.state_store_up = Gauge(
+            "state_store_up",
+            "1 while the shared health-state store (state.backend) answers, 0 while calls go on with local state.",
+            ["backend"],
+            multiprocess_mode="livemin",
+            **kw,
+        )
+        self.state_store_errors = Counter(
+            "state_store_errors_total", "Failed exchanges with the shared health-state store.", ["backend"], **kw
         )
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
@@ -226,6 +299,20 @@ class RouterMetrics:
         """A hedged request answered first."""
         self.hedge_wins.labels(alias, provider, model).inc()
 
+    def state_store(self, backend: str, up: bool, failed: bool) -> None:
+        """The shared state store answered (`up`) or not; `failed`: count one failed exchange."""
+        self.state_store_up.labels(backend).set(1 if up else 0)
+        if failed:
+            self.state_store_errors.labels(backend).inc()
+
+    def budget_rejected(self, budget: str, reason: str) -> None:
+        """A budget refused (or rerouted) a request before it was sent."""
+        self.budget_rejections.labels(budget, reason).inc()
+
+    def budget_remaining(self, budget: str, usd: float) -> None:
+        """What is left of a budget's current period."""
+        self.budget_remaining_usd.labels(budget).set(usd)
+
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""
         self.config_reloads.labels("success" if ok else "error").inc()
@@ -233,9 +320,43 @@ class RouterMetrics:
     def config_in_force(self, sha256: str, previous: str | None, when: float) -> None:
         """The config with this sha256 is now in force (replacing `previous`)."""
         if previous is not None and previous != sha256:
-            try:
-                self.config_info.remove(previous)
-            except KeyError:  # another Router on this registry already removed it
-                pass
+            if self.multiprocess:
+                # The worker's file cannot forget a series: 0 says "not in force here", and
+                # multiprocess_registry() shows no sha256 that no live worker has at 1.
+                self.config_info.labels(previous).set(0)
+            else:
+                with warnings.catch_warnings():  # it warns whenever the variable is set, even set too late to act
+                    warnings.simplefilter("ignore", UserWarning)
+                    try:
+                        self.config_info.remove(previous)
+                    except KeyError:  # another Router on this registry already removed it
+                        pass
         self.config_info.labels(sha256).set(1)
         self.config_last_reload.set(when)
+
+
+# -- several worker processes ------------------------------------------------------------------------------
+
+
+class _LiveWorkers(MultiProcessCollector):
+    """prometheus_client's MultiProcessCollector, less the config_info series that no live worker has in force."""
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in super().collect():  # type: ignore[no-untyped-call]
+            if metric.type == "gauge" and metric.documentation == CONFIG_INFO_HELP:
+                metric.samples = [s for s in metric.samples if s.value != 0]
+            yield metric
+
+
+_mp_registries: dict[str, CollectorRegistry] = {}
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry that reads the metrics of every worker from the multiprocess directory `path`."""
+    with RouterMetrics._lock:
+        if path not in _mp_registries:
+            os.makedirs(path, exist_ok=True)
+            registry = CollectorRegistry()
+            _LiveWorkers(registry, path=path)  # type: ignore[no-untyped-call]
+            _mp_registries[path] = registry
+        return _mp_registries[path]

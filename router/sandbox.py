@@ -8,6 +8,8 @@ provider)::
 
     POST /{route}/v1/chat/completions   (also /{route}/chat/completions)
     POST /{route}/v1/messages           (Anthropic)
+    POST /{route}/.../models/{m}:generateContent, :streamGenerateContent   (Gemini: scripted raw replies only)
+    POST /{route}/api/generate, /{route}/api/chat                          (Ollama: scripted raw replies only)
 
 Tests script it like a fake upstream (``enqueue()`` replies per route, inspect
 ``history``); ``llm-router demo`` uses ``simulated_providers()`` as an offline
@@ -56,6 +58,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "1"}
     json: Any = None  # if set, sent verbatim as the JSON body (overrides everything)
     raw: bytes | str | None = None  # if set, sent verbatim as the body (text/plain by default)
+    raw_stream: list[bytes] | None = None  # if set, each item sent verbatim as one HTTP chunk (a recorded stream)
+    chunk_delays: float | list[float] = 0.0  # raw_stream: pause before each chunk (one value, or one per chunk)
+    content_type: str | None = None  # of raw / raw_stream (default text/plain / text/event-stream)
     usage: tuple[int, int] | None = None  # (prompt_tokens, completion_tokens); None -> estimated
     cost: float | None = None  # added as usage.cost (OpenRouter style)
     error: str | None = None  # message for a non-2xx status
@@ -354,10 +359,14 @@ class _Handler(BaseHTTPRequestHandler):
         )
         up._record(received)
 
-        if self.command == "POST" and rest in ("/v1/chat/completions", "/chat/completions"):
+        if self.command == "POST" and rest.endswith("/chat/completions"):  # Azure: /openai/deployments/{d}/...
             flavour = "openai"
         elif self.command == "POST" and rest in ("/v1/messages", "/messages"):
             flavour = "anthropic"
+        elif self.command == "POST" and rest.endswith((":generateContent", ":streamGenerateContent")):
+            flavour = "gemini"
+        elif self.command == "POST" and rest in ("/api/generate", "/api/chat"):
+            flavour = "ollama"
         else:
             self._send_json(
                 404,
@@ -384,9 +393,17 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.json is not None:
             self._send_json(reply.status, reply.json, reply.headers)
             return
+        if reply.raw_stream is not None:
+            self._send_raw_stream(reply)
+            return
         if reply.raw is not None:
             data = reply.raw.encode() if isinstance(reply.raw, str) else reply.raw
-            self._send(reply.status, data, "text/plain; charset=utf-8", reply.headers)
+            self._send(reply.status, data, reply.content_type or "text/plain; charset=utf-8", reply.headers)
+            return
+        if flavour == "gemini":
+            self._send_json(
+                501, {"error": {"message": "SIMULATED sandbox: gemini routes serve scripted raw replies only"}}
+            )
             return
         if not 200 <= reply.status < 300:
             self._send_error(reply, flavour)
@@ -477,6 +494,31 @@ class _Handler(BaseHTTPRequestHandler):
                 }
             )
         self._stream_sse(reply, [_sse(e) for e in events] + [b"data: [DONE]\n\n"], 0, n_content)
+
+    def _send_raw_stream(self, reply: Reply) -> None:
+        """Send reply.raw_stream verbatim, one HTTP chunk per item, pausing chunk_delays before each."""
+        items = reply.raw_stream or []
+        delays = reply.chunk_delays
+        pauses = list(delays) if isinstance(delays, list) else [delays] * len(items)
+        self.send_response(reply.status, _reason(reply.status))
+        headers = {"Content-Type": reply.content_type or "text/event-stream", "Cache-Control": "no-cache"}
+        headers.update(reply.headers)
+        for k, v in headers.items():
+            if k.lower() not in ("content-length", "transfer-encoding"):
+                self.send_header(k, v)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for i, item in enumerate(items):
+                pause = pauses[i] if i < len(pauses) else 0.0
+                if pause > 0:
+                    time.sleep(pause)
+                self._chunk(item)
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except OSError:  # the client went away mid-stream (abandoned it): nothing left to send to
+            self.close_connection = True
 
     def _stream_sse(self, reply: Reply, frames: list[bytes], first_content: int, n_content: int) -> None:
         """Send SSE frames with chunked transfer-encoding; honour reply.cut_after (counted in content frames)."""

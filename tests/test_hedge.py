@@ -8,10 +8,11 @@ Sync and async run the same scenarios (`mode`).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -26,9 +27,12 @@ from router import (
     ProviderError,
     Result,
     Router,
+    Target,
     parse_config,
 )
+from router.errors import RouterError, StreamInterruptedError
 from router.hedge import MIN_SAMPLES, Latencies, background_loop
+from router.hooks import AttemptReport, Call, Hook, Reroute
 from router.sandbox import Reply, Upstream
 
 SLOW = 3.0  # seconds: an answer that a hedge must beat
@@ -41,6 +45,9 @@ CONFIG = standard_config(
     narrow: {{targets: [a/model-a, b/model-b, c/model-c], hedge: {{after_s: {HEDGE_AFTER}}}}}
     solo: {{targets: [a/model-a], hedge: {{after_s: {HEDGE_AFTER}}}}}
     pct: {{targets: [a/model-a, b/model-b], hedge: {{after_percentile: 90}}}}
+    idle:
+      targets: [a/model-a, {{provider: b, model: model-b, stream_idle_timeout_s: 0.5}}]
+      hedge: {{after_s: {HEDGE_AFTER}}}
     """,
     extra=f"""
     pricing:
@@ -213,6 +220,7 @@ def test_a_refused_request_in_the_race_stops_the_call(r: Router, up: Upstream, m
         call(r, mode, "hedged")
     assert time.monotonic() - t0 < SLOW / 2
     assert trail(err.value.attempts) == [("a", "cancelled"), ("b", "bad_request")]
+    assert err.value.outcome == "bad_request"  # the call's outcome is the refusal, not the cancelled request
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -357,3 +365,124 @@ def test_a_forked_worker_gets_its_own_background_loop() -> None:
     os.close(read)
     assert got == b"1"
     assert background_loop() is parent
+
+
+# -- the race and main's attempt loop: stream limits, content filter, key names, reroutes -------------------------
+
+
+def sse(*texts: str) -> list[bytes]:
+    """An OpenAI chat stream of these deltas, then a stop and [DONE], one SSE event per item."""
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "model-b", "choices": [choice]}
+        return f"data: {json.dumps(chunk)}\n\n".encode()
+
+    return [event({"role": "assistant", "content": t}) for t in texts] + [event({}, "stop"), b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_winning_hedged_stream_keeps_its_idle_limit(r: Router, up: Upstream, mode: str) -> None:
+    up.enqueue("a", Reply(text="slow stream from a", delay_s=SLOW))
+    # b's first text comes at once, then nothing for 3 s: its stream_idle_timeout_s (0.5) must cut it
+    up.enqueue("b", Reply(raw_stream=sse("A", " car", " is", " here"), chunk_delays=[0, 0, 3.0, 0, 0, 0]))
+    deltas: list[str] = []
+    t0 = time.monotonic()
+    with pytest.raises(StreamInterruptedError) as info:
+        if mode == "sync":
+            for d in r.generate("hi", model="idle", stream=True):
+                deltas.append(d)
+        else:
+
+            async def read() -> None:
+                async for d in await r.agenerate("hi", model="idle", stream=True):
+                    deltas.append(d)
+
+            asyncio.run(read())
+    assert time.monotonic() - t0 < SLOW - 0.2
+    assert "".join(deltas) == "A car" == info.value.text
+    assert trail(info.value.attempts) == [("a", "cancelled"), ("b", "stream_interrupted")]
+    assert "no text for 0.5s" in (info.value.attempts[-1].error or "")
+
+
+CONTENT_FILTERED = {
+    "id": "x",
+    "object": "chat.completion",
+    "created": 0,
+    "model": "model-b",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter"}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 0, "total_tokens": 5},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_content_filtered_answer_in_the_race_is_a_failure(
+    r: Router, up: Upstream, registry: CollectorRegistry, mode: str
+) -> None:
+    up.enqueue("a", Reply(text="slow a", delay_s=SLOW))
+    up.enqueue("b", Reply(json=CONTENT_FILTERED))
+    t0 = time.monotonic()
+    with pytest.raises(ProviderError) as err:  # content_filter is not fallen back from by default
+        call(r, mode, "hedged")
+    assert time.monotonic() - t0 < SLOW / 2
+    assert trail(err.value.attempts) == [("a", "cancelled"), ("b", "content_filter")]
+    assert err.value.outcome == "content_filter"
+    labels = {"alias": "hedged", "provider": "b", "model": "model-b", "outcome": "content_filter"}
+    assert sample(registry, "llm_router_attempts_total", **labels) == 1
+    assert sample(registry, "llm_router_hedge_wins_total", alias="hedged", provider="b", model="model-b") == 0
+
+
+class Watch(Hook):
+    """Records the key name each request goes out with and the attempt reports; reroutes a hedge to b if asked."""
+
+    def __init__(self, reroute_b_to: str | None = None) -> None:
+        self.keys: list[tuple[str, str | None]] = []
+        self.reports: list[AttemptReport] = []
+        self.reroute_b_to = reroute_b_to
+        self.rerouted: list[str | None] = []
+
+    def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        self.keys.append((target.provider, call.key_name))
+        if self.reroute_b_to and target.provider == "b" and call.rerouted_to is None:
+            raise Reroute(self.reroute_b_to, RouterError("b is over budget"))
+
+    def attempt_finished(self, call: Call, report: AttemptReport) -> None:
+        self.reports.append(report)
+
+    def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
+        self.rerouted.append(call.rerouted_to)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_raced_requests_tell_hooks_their_key_and_what_answered(
+    make_router: MakeRouter, up: Upstream, mode: str
+) -> None:
+    watch = Watch()
+    r = make_router(CONFIG, hooks=[watch])
+    up.enqueue("a", Reply(text="slow a", delay_s=SLOW))
+    up.enqueue("b", Reply(text="quick b"))
+    res = call(r, mode, "hedged")
+    assert res.provider == "b"
+    assert [p for p, _ in watch.keys] == ["a", "b"]
+    assert all(name is not None and name.startswith("key-") for _, name in watch.keys)
+    (won,) = [rep for rep in watch.reports if rep.attempt.outcome == "success"]
+    assert (won.target.provider, won.response_model, won.finish_reason) == ("b", "model-b", "stop")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_reroute_raised_for_a_hedge_cancels_the_race_and_re_plans(
+    make_router: MakeRouter, up: Upstream, registry: CollectorRegistry, mode: str
+) -> None:
+    watch = Watch(reroute_b_to="single")
+    r = make_router(CONFIG, hooks=[watch])
+    up.enqueue("a", Reply(text="slow a", delay_s=SLOW), Reply(text="a, rerouted"))
+    t0 = time.monotonic()
+    res = call(r, mode, "hedged")
+    assert time.monotonic() - t0 < SLOW / 2
+    assert (res.text, res.provider) == ("a, rerouted", "a")
+    assert trail(res.attempts) == [("a", "cancelled"), ("a", "success")]  # the race's request counted, cancelled
+    assert up.requests("b") == [] and len(up.requests("a")) == 2
+    assert watch.rerouted == ["single"]
+    assert sample(registry, "llm_router_hedges_total", alias="hedged", provider="b", model="model-b") == 0
+    if mode == "sync":
+        assert no_request_left_running()

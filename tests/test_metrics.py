@@ -62,6 +62,11 @@ METRICS = {
     "cost_saved_usd": "counter",
     "hedges": "counter",
     "hedge_wins": "counter",
+    "worker_processes": "gauge",
+    "state_store_up": "gauge",
+    "state_store_errors": "counter",
+    "budget_remaining_usd": "gauge",
+    "budget_rejections": "counter",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 

@@ -387,7 +387,10 @@ def test_watch_rejects_a_bad_edit_then_applies_the_fix(
     write(path, render(up, "[a/model-a, b/model-b", serial=1))  # unclosed flow list
     assert wait_until(lambda: reloads(registry, "error") == 1)
     assert r.config.sha256 == good
-    assert any(f"{path}:" in rec.getMessage() and "invalid YAML" in rec.getMessage() for rec in caplog.records)
+    # the watcher counts the rejection, then logs it: wait for the log line too
+    assert wait_until(
+        lambda: any(f"{path}:" in rec.getMessage() and "invalid YAML" in rec.getMessage() for rec in caplog.records)
+    )
 
     fixed = write(path, render(up, B, serial=2))
     assert wait_until(lambda: r.config.sha256 == fixed)

@@ -141,9 +141,20 @@ FALLBACK_CASES = {
     "invalid_response-no-choices": Case(Reply(json=completion_json([])), "invalid_response", ANY, 2),
     "context_window-message": Case(Reply(status=400, error=CONTEXT_MESSAGE), "context_window", 400, 1),
     "context_window-openai-body": Case(
-        Reply(status=400, json={"error": {"message": CONTEXT_MESSAGE, "type": "invalid_request_error",
-                                          "param": "messages", "code": "context_length_exceeded"}}),
-        "context_window", 400, 1,
+        Reply(
+            status=400,
+            json={
+                "error": {
+                    "message": CONTEXT_MESSAGE,
+                    "type": "invalid_request_error",
+                    "param": "messages",
+                    "code": "context_length_exceeded",
+                }
+            },
+        ),
+        "context_window",
+        400,
+        1,
     ),
 }
 
@@ -197,7 +208,8 @@ NO_FALLBACK_CASES = {
     "bad_request": (Reply(status=400, error="'temperature' must be <= 2"), "bad_request", "BadRequestError"),
     "content_filter": (
         Reply(status=400, error="Your request was rejected: content_policy_violation"),
-        "content_filter", "ContentPolicyViolationError",
+        "content_filter",
+        "ContentPolicyViolationError",
     ),
 }
 
@@ -223,13 +235,15 @@ def test_no_fallback_on_caller_errors(
     assert sleeps == []
 
 
-def test_content_filter_finish_reason_is_reported_on_the_answer(make_router: MakeRouter, up: Upstream) -> None:
+def test_content_filter_finish_reason_is_the_content_filter_outcome(make_router: MakeRouter, up: Upstream) -> None:
     filtered = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter"}
     up.enqueue("a", Reply(json=completion_json([filtered])))
 
-    res = make_router().generate("hello")
+    with pytest.raises(ProviderError) as info:  # not in the default fallback_on: another provider would refuse too
+        make_router().generate("hello")
 
-    assert (res.provider, res.finish_reason, res.text) == ("a", "content_filter", "")
+    assert info.value.outcome == "content_filter"
+    assert [(a.provider, a.outcome) for a in info.value.attempts] == [("a", "content_filter")]
     assert routes(up) == ["a"]
 
 
@@ -246,8 +260,11 @@ def test_every_target_failing_lists_every_attempt_in_order(
     err = info.value
     assert not isinstance(err, DeadlineExceededError)
     assert trail(err.attempts) == [
-        ("a", "server_error", 503), ("a", "server_error", 500), ("b", "auth", 401),
-        ("c", "rate_limit", 429), ("c", "rate_limit", 429),
+        ("a", "server_error", 503),
+        ("a", "server_error", 500),
+        ("b", "auth", 401),
+        ("c", "rate_limit", 429),
+        ("c", "rate_limit", 429),
     ]
     assert [a.model for a in err.attempts] == ["model-a", "model-a", "model-b", "model-c", "model-c"]
     assert err.alias == "chat" and err.outcome == "rate_limit"
@@ -552,7 +569,7 @@ def test_the_key_is_sent_to_its_own_provider_only(make_router: MakeRouter, up: U
 
 
 def test_config_price(make_router: MakeRouter, up: Upstream) -> None:
-    r = make_router(config(pricing='pricing:\n  a/model-a: {input_per_1m: 2.5, output_per_1m: 10}'))
+    r = make_router(config(pricing="pricing:\n  a/model-a: {input_per_1m: 2.5, output_per_1m: 10}"))
     up.enqueue("a", Reply(usage=(1200, 345)))
 
     res = r.generate("hello")
@@ -563,7 +580,7 @@ def test_config_price(make_router: MakeRouter, up: Upstream) -> None:
 
 
 def test_config_price_per_1k(make_router: MakeRouter, up: Upstream) -> None:
-    r = make_router(config(pricing='pricing:\n  b/model-b: {input_per_1k: 0.5, output_per_1k: 1.5}'))
+    r = make_router(config(pricing="pricing:\n  b/model-b: {input_per_1k: 0.5, output_per_1k: 1.5}"))
     up.enqueue("a", Reply(status=404))
     up.enqueue("b", Reply(usage=(40, 60)))
 
@@ -574,10 +591,12 @@ def test_config_price_per_1k(make_router: MakeRouter, up: Upstream) -> None:
 
 
 def test_provider_reported_cost_from_openrouter(make_router: MakeRouter, up: Upstream) -> None:
-    r = make_router(config(
-        providers='  orr: {kind: openrouter, api_base: "{UP}/or/v1", api_key: "${KEY_A}"}',
-        aliases="  routed: {targets: [orr/gpt-4o-mini]}",
-    ))
+    r = make_router(
+        config(
+            providers='  orr: {kind: openrouter, api_base: "{UP}/or/v1", api_key: "${KEY_A}"}',
+            aliases="  routed: {targets: [orr/gpt-4o-mini]}",
+        )
+    )
     up.enqueue("or", Reply(cost=0.0123, usage=(10, 20)))
 
     res = r.generate("hello", model="routed")
@@ -613,10 +632,12 @@ def test_unknown_price_is_zero_and_says_so(make_router: MakeRouter, up: Upstream
 
 
 def test_fallback_from_openai_kind_to_anthropic_kind(make_router: MakeRouter, up: Upstream) -> None:
-    r = make_router(config(
-        providers='  an: {kind: anthropic, api_base: "{UP}/an", api_key: "${KEY_B}"}',
-        aliases="  mixed: {targets: [a/model-a, an/claude-3-5-haiku-20241022]}",
-    ))
+    r = make_router(
+        config(
+            providers='  an: {kind: anthropic, api_base: "{UP}/an", api_key: "${KEY_B}"}',
+            aliases="  mixed: {targets: [a/model-a, an/claude-3-5-haiku-20241022]}",
+        )
+    )
     up.enqueue("a", Reply(status=503), Reply(status=503))
     up.enqueue("an", Reply(text="from anthropic", usage=(11, 7)))
 
@@ -753,7 +774,7 @@ def without_latency(res: Result) -> Result:
 
 @pytest.mark.asyncio
 async def test_sync_and_async_give_equal_results(make_router: MakeRouter, up: Upstream, sleeps: Sleeps) -> None:
-    r = make_router(config(pricing='pricing:\n  c/model-c: {input_per_1m: 1, output_per_1m: 2}'))
+    r = make_router(config(pricing="pricing:\n  c/model-c: {input_per_1m: 1, output_per_1m: 2}"))
 
     script_mixed_failures(up)
     sync = await asyncio.to_thread(r.generate, "hello")

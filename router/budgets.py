@@ -1,0 +1,406 @@
+"""Spend budgets, enforced before any request and atomically across threads, workers and replicas.
+
+`Budgets` is a blocking `Hook`. Before each request (`before_attempt`) it works out the request's worst-case
+cost at that target's price and, in one transaction of the ledger's database, checks every budget in scope
+and reserves that amount in each (a "hold"), or reserves nothing and refuses: `BudgetExceededError`, or a
+`Reroute` to the budget's `fallback` alias. When the attempt ends (`attempt_finished`) the hold is settled
+to the real cost (nothing for a failure that was not billed). A transaction takes the database's write lock
+(SQLite `BEGIN IMMEDIATE`, a PostgreSQL advisory lock), so concurrent calls from any number of processes see
+each other's holds: spent + held + this call never goes over the limit.
+
+The worst case, stated:
+- input tokens: the UTF-8 bytes of the request's message text, plus 4 per message and 3 (no tokenizer
+  yields more tokens than bytes, so this bounds the real count from above);
+- output tokens: the request's `max_tokens` (or `max_completion_tokens`); without it, the model's largest
+  answer by litellm's model map; without that, 4096 (`DEFAULT_MAX_OUTPUT_TOKENS`);
+- price: the target's `pricing:` entry, else litellm's price map; a target with neither is "unpriced":
+  refused under a budget that scopes it (`unpriced: refuse`, the default) or let through reserving nothing
+  (`unpriced: allow`).
+The guarantee "recorded spend never exceeds the limit" holds when the worst case bounds the bill: a
+config price and a max_tokens the provider respects. A provider-reported cost above the estimate is still
+recorded in full (it was billed), and the next calls are refused.
+
+A hold lives `HOLD_TTL_S`: a process that dies mid-call frees its holds after that. Settles are written by
+a background thread (and by the next reservation of the same process, in its transaction), so a call's end
+never waits on the database.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+from .errors import BudgetExceededError
+from .hooks import AttemptReport, Call, Hook, Reroute
+from .store import NUSD, Cursor, Store, db_errors, to_nusd
+
+if TYPE_CHECKING:
+    from .config import BudgetConfig, RouterConfig, Target
+    from .metrics import RouterMetrics
+    from .types import Result
+
+log = logging.getLogger("router")
+
+DEFAULT_MAX_OUTPUT_TOKENS = 4096
+HOLD_TTL_S = 900.0
+
+
+# -- pure decisions -----------------------------------------------------------------------------------------
+
+
+def period_bounds(period: str, now: float) -> tuple[int, int]:
+    """[start, end) of the calendar period (hour, day, month; UTC) that contains `now`, as unix seconds."""
+    t = datetime.fromtimestamp(now, timezone.utc)
+    if period == "hour":
+        start = t.replace(minute=0, second=0, microsecond=0)
+        return int(start.timestamp()), int(start.timestamp()) + 3600
+    if period == "day":
+        start = t.replace(hour=0, minute=0, second=0, microsecond=0)
+        return int(start.timestamp()), int(start.timestamp()) + 86400
+    if period == "month":
+        start = t.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        days = calendar.monthrange(t.year, t.month)[1]
+        return int(start.timestamp()), int(start.timestamp()) + days * 86400
+    raise ValueError(f"unknown period {period!r}")
+
+
+def scope_of(b: BudgetConfig, alias: str, target: Target, key_name: str | None, tags: Mapping[str, str]) -> str | None:
+    """The budget's scope value for a request ("" for a single limit, the tag value for `per_tag`), or None
+    when the request is not in its scope."""
+    if b.alias is not None and b.alias != alias:
+        return None
+    if b.provider is not None and b.provider != target.provider:
+        return None
+    if b.key is not None and b.key != key_name:
+        return None
+    if any(tags.get(k) != v for k, v in b.tags.items()):
+        return None
+    if b.per_tag is not None:
+        return tags.get(b.per_tag)
+    return ""
+
+
+def input_token_bound(messages: Sequence[Mapping[str, Any]]) -> int:
+    """An upper bound of a request's prompt tokens: UTF-8 bytes of its text, plus 4 per message and 3."""
+    n = 3
+    for m in messages:
+        n += 4 + len(str(m.get("role", "")).encode())
+        content = m.get("content")
+        if isinstance(content, str):
+            n += len(content.encode())
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, Mapping) else part
+                n += len(str(text or "").encode())
+        elif content is not None:
+            n += len(str(content).encode())
+        for extra in ("name", "tool_calls", "function_call"):
+            if m.get(extra):
+                n += len(str(m[extra]).encode())
+    return n
+
+
+def output_token_bound(request: Mapping[str, Any], model_max: int | None) -> int:
+    """The request's max_tokens (or max_completion_tokens), else the model's max output, else 4096."""
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = request.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return model_max or DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def worst_case_usd(target: Target, input_tokens: int, output_tokens: int) -> float | None:
+    """The most a request to `target` can cost by its config price, or litellm's map; None: unpriced."""
+    if target.pricing is not None:
+        p = target.pricing
+        return input_tokens * p.input_per_token + output_tokens * p.output_per_token
+    from . import _litellm  # imported already: this runs on a call's path
+    from .types import Usage
+
+    return _litellm.price_map_cost(target, Usage(input_tokens, output_tokens))
+
+
+# -- the database ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Hold:
+    """An amount reserved in one budget's period for one request."""
+
+    budget: str
+    scope: str
+    period_start: int
+    amount_nusd: int
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The hold that did not fit, and what the budget had spent and held at that moment."""
+
+    hold: Hold
+    spent_nusd: int
+    held_nusd: int
+
+
+_Settle = tuple[str, tuple[Hold, ...], int]  # hold id, its holds, the real cost
+
+
+class BudgetStore:
+    """Holds and spend per (budget, scope, period) in the ledger's database."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._pending: list[_Settle] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._stop = False
+        self.on_spent: Any = None  # callback(budget, scope, spent_nusd) after a settle
+        self._thread = threading.Thread(target=self._run, name="llm-router-budgets", daemon=True)
+        self._thread.start()
+
+    def reserve(self, hold_id: str, holds: Sequence[Hold], limits: Mapping[str, int], now: float) -> Refusal | None:
+        """Reserve every hold, or none: the first that does not fit under its budget's limit is returned."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        try:
+            with self.store.transaction(lock=True) as cur:
+                spent = self._apply(cur, pending)
+                refusal = None
+                made: list[str] = []
+                for h in sorted(holds):
+                    cur.execute(
+                        "INSERT INTO llm_budget_spend (budget, scope, period_start, spent_nusd) VALUES (?, ?, ?, 0) "
+                        "ON CONFLICT (budget, scope, period_start) DO NOTHING",
+                        (h.budget, h.scope, h.period_start),
+                    )
+                    row = cur.execute(
+                        "SELECT spent_nusd FROM llm_budget_spend WHERE budget = ? AND scope = ? AND period_start = ?",
+                        (h.budget, h.scope, h.period_start),
+                    ).fetchone()
+                    held_row = cur.execute(
+                        "SELECT COALESCE(SUM(amount_nusd), 0) FROM llm_budget_holds "
+                        "WHERE budget = ? AND scope = ? AND period_start = ? AND expires_at > ?",
+                        (h.budget, h.scope, h.period_start, now),
+                    ).fetchone()
+                    s, held = int(row[0]) if row else 0, int(held_row[0]) if held_row else 0
+                    spent[(h.budget, h.scope)] = s
+                    if s + held + h.amount_nusd > limits[h.budget]:
+                        refusal = Refusal(h, s, held)
+                        break
+                    hid = f"{hold_id}/{h.budget}"
+                    cur.execute(
+                        "INSERT INTO llm_budget_holds (id, budget, scope, period_start, amount_nusd, expires_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        (hid, h.budget, h.scope, h.period_start, h.amount_nusd, now + HOLD_TTL_S),
+                    )
+                    made.append(hid)
+                if refusal is not None:
+                    for hid in made:
+                        cur.execute("DELETE FROM llm_budget_holds WHERE id = ?", (hid,))
+        except BaseException:
+            with self._lock:  # the settles were not written: keep them for the next try
+                self._pending[:0] = pending
+            raise
+        self._report(spent)
+        return refusal
+
+    def settle(self, hold_id: str, holds: Sequence[Hold], cost_nusd: int) -> None:
+        """Replace the holds by the real cost; written by the background thread (never blocks)."""
+        with self._cond:
+            self._pending.append((hold_id, tuple(holds), cost_nusd))
+            self._cond.notify()
+
+    def spent(self, budget: str, scope: str, period_start: int) -> int:
+        """The settled spend of a budget's period, in nano-USD."""
+        with self.store.transaction() as cur:
+            row = cur.execute(
+                "SELECT spent_nusd FROM llm_budget_spend WHERE budget = ? AND scope = ? AND period_start = ?",
+                (budget, scope, period_start),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Write the settles queued so far."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._cond.notify()
+            while self._pending and time.monotonic() < deadline:
+                self._cond.wait(0.05)
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, release the database."""
+        self.flush()
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(10.0)
+        self.store.close()
+
+    def _apply(self, cur: Cursor, pending: Sequence[_Settle]) -> dict[tuple[str, str], int]:
+        spent: dict[tuple[str, str], int] = {}
+        for hold_id, holds, cost in pending:
+            for h in sorted(holds):
+                cur.execute(
+                    "INSERT INTO llm_budget_spend (budget, scope, period_start, spent_nusd) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (budget, scope, period_start) DO UPDATE SET spent_nusd = "
+                    "llm_budget_spend.spent_nusd + excluded.spent_nusd",
+                    (h.budget, h.scope, h.period_start, cost),
+                )
+                cur.execute("DELETE FROM llm_budget_holds WHERE id = ?", (f"{hold_id}/{h.budget}",))
+                row = cur.execute(
+                    "SELECT spent_nusd FROM llm_budget_spend WHERE budget = ? AND scope = ? AND period_start = ?",
+                    (h.budget, h.scope, h.period_start),
+                ).fetchone()
+                spent[(h.budget, h.scope)] = int(row[0]) if row else 0
+        return spent
+
+    def _run(self) -> None:
+        errors = db_errors()
+        last_sweep = 0.0
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or bool(self._pending), 1.0)
+                pending, self._pending = self._pending, []
+                stop = self._stop
+            if pending:
+                try:
+                    with self.store.transaction(lock=True) as cur:
+                        spent = self._apply(cur, pending)
+                        if time.time() - last_sweep > 60:
+                            last_sweep = time.time()
+                            cur.execute("DELETE FROM llm_budget_holds WHERE expires_at < ?", (time.time() - 3600,))
+                    self._report(spent)
+                except errors as exc:
+                    log.warning(
+                        "budgets: cannot settle %d hold(s) yet (%s); retrying", len(pending), type(exc).__name__
+                    )
+                    with self._cond:
+                        self._pending[:0] = pending
+                        if not self._stop:
+                            self._cond.wait(1.0)
+                with self._cond:
+                    self._cond.notify_all()
+            if stop:
+                return
+
+    def _report(self, spent: Mapping[tuple[str, str], int]) -> None:
+        if self.on_spent is not None:
+            for (budget, scope), value in spent.items():
+                self.on_spent(budget, scope, value)
+
+
+# -- the hook -------------------------------------------------------------------------------------------------
+
+
+class Budgets(Hook):
+    """Reserves each request's worst-case cost under every budget in scope; refuses or reroutes when it does
+    not fit; settles to the real cost (see the module docstring)."""
+
+    blocking = True
+
+    def __init__(self, config: RouterConfig, metrics: RouterMetrics, store: Store) -> None:
+        self.budgets = list(config.budgets)
+        self.by_name = {b.name: b for b in self.budgets}
+        self.limits = {b.name: to_nusd(b.limit_usd) for b in self.budgets}
+        self.metrics = metrics
+        self.store = BudgetStore(store)
+        self.store.on_spent = self._spent
+        self._counter = 0
+        self._counter_lock = threading.Lock()
+
+    def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        self._release(call)
+        alias = call.rerouted_to or call.alias
+        in_scope = [
+            (b, s) for b in self.budgets if (s := scope_of(b, alias, target, call.key_name, call.tags)) is not None
+        ]
+        if not in_scope:
+            return
+        now = time.time()
+        from . import _litellm
+
+        out_tokens = output_token_bound(request, None)
+        if not any(request.get(n) for n in ("max_tokens", "max_completion_tokens")):
+            out_tokens = output_token_bound(request, _litellm.max_output_tokens(target))
+        cost = worst_case_usd(target, input_token_bound(request.get("messages") or ()), out_tokens)
+        holds = []
+        for b, scope in in_scope:
+            start, _ = period_bounds(b.period, now)
+            if cost is None and b.unpriced == "refuse":
+                self._refuse(call, b, scope, 0, 0.0, now, target, "unpriced")
+            holds.append(Hold(b.name, scope, start, to_nusd(cost) if cost is not None else 0))
+        with self._counter_lock:
+            self._counter += 1
+            hold_id = f"{call.id}.{self._counter}"
+        try:
+            refusal = self.store.reserve(hold_id, holds, self.limits, now)
+        except db_errors() as exc:
+            strict = [b for b, _ in in_scope if b.if_unavailable == "refuse"]
+            if strict:
+                log.error("budgets: the database is unreachable (%s); refusing the call", type(exc).__name__)
+                self._refuse(call, strict[0], None, 0, 0.0, now, target, "unavailable")
+            log.warning("budgets: the database is unreachable (%s); the call goes on unchecked", type(exc).__name__)
+            return
+        if refusal is not None:
+            b = self.by_name[refusal.hold.budget]
+            used = refusal.spent_nusd + refusal.held_nusd
+            self._refuse(call, b, refusal.hold.scope, used, refusal.hold.amount_nusd / NUSD, now, target, "limit")
+        call.data["budgets"] = (hold_id, tuple(holds))
+
+    def attempt_finished(self, call: Call, report: AttemptReport) -> None:
+        held = call.data.pop("budgets", None)
+        if held is not None:
+            cost = to_nusd(report.cost_usd or 0.0) if report.usage is not None else 0
+            self.store.settle(held[0], held[1], cost)
+
+    def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
+        self._release(call)  # a later hook refused the request this hold was for
+
+    def close(self) -> None:
+        self.store.close()
+
+    def _release(self, call: Call) -> None:
+        held = call.data.pop("budgets", None)
+        if held is not None:
+            self.store.settle(held[0], held[1], 0)
+
+    def _refuse(
+        self,
+        call: Call,
+        b: BudgetConfig,
+        scope: str | None,
+        used_nusd: int,
+        needed_usd: float,
+        now: float,
+        target: Target,
+        reason: str,
+    ) -> None:
+        _, end = period_bounds(b.period, now)
+        error = BudgetExceededError(
+            b.name,
+            used_nusd / NUSD,
+            b.limit_usd,
+            datetime.fromtimestamp(end, timezone.utc),
+            reason,
+            needed_usd,
+            target.key,
+            scope if b.per_tag is not None else None,
+        )
+        self.metrics.budget_rejected(b.name, reason)
+        if b.fallback is not None and call.rerouted_to is None and reason != "unavailable":
+            raise Reroute(b.fallback, error)
+        raise error
+
+    def _spent(self, budget: str, scope: str, spent_nusd: int) -> None:
+        b = self.by_name.get(budget)
+        if b is not None and b.per_tag is None:  # per-tag budgets: one value per tag would explode the labels
+            self.metrics.budget_remaining(budget, (self.limits[budget] - spent_nusd) / NUSD)
+
+    def __repr__(self) -> str:
+        return f"<Budgets {', '.join(self.by_name)}>"

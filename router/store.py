@@ -1,0 +1,300 @@
+"""The ledger's database: a SQLite file (stdlib `sqlite3`) or PostgreSQL (`psycopg` 3 with `psycopg_pool`).
+
+The ledger (`router.ledger`), the budgets (`router.budgets`) and the usage query (`router.usage`) write the same
+SQL through `Store.transaction()`; the two dialects differ only in placeholders, the JSON type of `tags`, how
+a transaction takes its lock, and how a tag is read in a query. psycopg is imported only for a `dsn:`.
+
+Money is stored as integer nano-USD (1e-9 USD), so sums are exact and a budget's comparison never drifts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import LedgerConfig
+
+log = logging.getLogger("router")
+
+NUSD = 1_000_000_000  # nano-USD per USD
+
+
+def to_nusd(usd: float) -> int:
+    """USD as integer nano-USD."""
+    return round(usd * NUSD)
+
+
+CALL_COLUMNS = (
+    "id",
+    "ts",
+    "alias",
+    "provider",
+    "model",
+    "key_name",
+    "tags",
+    "input_tokens",
+    "output_tokens",
+    "cost_nusd",
+    "failed_cost_nusd",
+    "cost_source",
+    "latency_s",
+    "outcome",
+    "attempts",
+    "rerouted_to",
+)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS llm_calls (
+    id TEXT PRIMARY KEY,
+    ts DOUBLE PRECISION NOT NULL,
+    alias TEXT NOT NULL,
+    provider TEXT,
+    model TEXT,
+    key_name TEXT,
+    tags {json} NOT NULL,
+    input_tokens BIGINT NOT NULL,
+    output_tokens BIGINT NOT NULL,
+    cost_nusd BIGINT NOT NULL,
+    failed_cost_nusd BIGINT NOT NULL,
+    cost_source TEXT,
+    latency_s DOUBLE PRECISION NOT NULL,
+    outcome TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    rerouted_to TEXT
+);
+CREATE INDEX IF NOT EXISTS llm_calls_ts ON llm_calls (ts);
+CREATE TABLE IF NOT EXISTS llm_budget_spend (
+    budget TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    period_start BIGINT NOT NULL,
+    spent_nusd BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (budget, scope, period_start)
+);
+CREATE TABLE IF NOT EXISTS llm_budget_holds (
+    id TEXT PRIMARY KEY,
+    budget TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    period_start BIGINT NOT NULL,
+    amount_nusd BIGINT NOT NULL,
+    expires_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS llm_budget_holds_period ON llm_budget_holds (budget, scope, period_start);
+"""
+
+
+class Store:
+    """One connection (SQLite) or a small pool (PostgreSQL) to the ledger's database; thread-safe."""
+
+    dialect = "sqlite"
+
+    def transaction(self, lock: bool = False) -> contextlib.AbstractContextManager[Cursor]:
+        """A transaction, committed when the block ends (rolled back on error); `lock`: serialise writers now."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection(s)."""
+
+    def tag_expr(self) -> str:
+        """SQL reading the tag named by the next parameter from `tags`."""
+        raise NotImplementedError
+
+    def time_expr(self, fmt: str) -> str:
+        """SQL formatting `ts` (unix seconds) as UTC text: fmt is 'day' or 'hour'."""
+        raise NotImplementedError
+
+    def insert_calls(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ledger rows (in CALL_COLUMNS order); a row whose id is already there is left as it is."""
+        cols = ", ".join(CALL_COLUMNS)
+        marks = ", ".join(self._json_mark if c == "tags" else "?" for c in CALL_COLUMNS)
+        with self.transaction() as cur:
+            cur.executemany(f"INSERT INTO llm_calls ({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING", rows)
+
+    _json_mark = "?"
+
+
+class Cursor:
+    """The DB-API cursor both dialects hand out, with `?` placeholders."""
+
+    def __init__(self, raw: Any, pg: bool) -> None:
+        self._raw = raw
+        self._pg = pg
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run one statement."""
+        self._raw.execute(_pg(sql) if self._pg else sql, params)
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run one statement per row."""
+        self._raw.executemany(_pg(sql) if self._pg else sql, rows)
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        """Every row of the last statement."""
+        return [tuple(r) for r in self._raw.fetchall()]
+
+    def fetchone(self) -> tuple[Any, ...] | None:
+        """The next row of the last statement."""
+        r = self._raw.fetchone()
+        return None if r is None else tuple(r)
+
+
+def _pg(sql: str) -> str:
+    return sql.replace("%", "%%").replace("?", "%s")
+
+
+class SqliteStore(Store):
+    """A SQLite file in WAL mode; writers across threads and processes are serialised by SQLite's own lock."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | os.PathLike[str], timeout_s: float = 30.0) -> None:
+        self.path = Path(path)
+        self._timeout = timeout_s
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_SCHEMA.format(json="TEXT"))
+            except sqlite3.Error:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    @contextlib.contextmanager
+    def transaction(self, lock: bool = False) -> Iterator[Cursor]:
+        with self._lock:
+            conn = self._connect()
+            try:
+                conn.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
+            except sqlite3.Error:
+                self._drop()
+                raise
+            try:
+                yield Cursor(conn.cursor(), pg=False)
+                conn.execute("COMMIT")
+            except BaseException:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self._drop()
+                raise
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def tag_expr(self) -> str:
+        return "json_extract(tags, '$.\"' || ? || '\"')"
+
+    def time_expr(self, fmt: str) -> str:
+        pattern = "%Y-%m-%d" if fmt == "day" else "%Y-%m-%dT%H:00Z"
+        return f"strftime('{pattern}', ts, 'unixepoch')"
+
+    def __repr__(self) -> str:
+        return f"<SqliteStore {self.path}>"
+
+
+class PostgresStore(Store):
+    """PostgreSQL through a psycopg_pool pool that replaces broken connections (a restart of the server)."""
+
+    dialect = "postgres"
+    _json_mark = "CAST(? AS jsonb)"
+
+    def __init__(self, dsn: str, max_size: int = 4, timeout_s: float = 5.0) -> None:
+        try:
+            from psycopg_pool import ConnectionPool
+        except ImportError:
+            from .errors import ConfigError, ConfigProblem
+
+            need = "a PostgreSQL ledger needs psycopg: pip install 'llm-router[postgres]'"
+            raise ConfigError([ConfigProblem("<config>", None, "ledger.dsn", need)]) from None
+
+        self._timeout = timeout_s
+        self._schema_ready = False
+        self._schema_lock = threading.Lock()
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            open=False,
+            check=ConnectionPool.check_connection,
+            kwargs={"connect_timeout": max(1, int(timeout_s))},
+            name="llm-router-ledger",
+        )
+        self._pool.open(wait=False)
+
+    @contextlib.contextmanager
+    def transaction(self, lock: bool = False) -> Iterator[Cursor]:
+        self._ensure_schema()
+        with self._pool.connection(timeout=self._timeout) as conn, conn.cursor() as cur:
+            # psycopg's connection block commits at its end and rolls back on an exception.
+            if lock:  # one budget transaction at a time across every replica: no deadlock, no lost update
+                cur.execute("SELECT pg_advisory_xact_lock(7220104)")
+            yield Cursor(cur, pg=True)
+
+    def _ensure_schema(self) -> None:
+        if self._schema_ready:
+            return
+        with self._schema_lock:
+            if self._schema_ready:
+                return
+            with self._pool.connection(timeout=self._timeout) as conn:
+                # Workers starting together would race on CREATE TABLE IF NOT EXISTS: serialise them.
+                conn.execute("SELECT pg_advisory_xact_lock(7220103)")
+                for stmt in filter(str.strip, _SCHEMA.format(json="JSONB").split(";")):
+                    conn.execute(stmt)
+            self._schema_ready = True
+
+    def close(self) -> None:
+        self._pool.close(timeout=2.0)
+
+    def tag_expr(self) -> str:
+        return "tags ->> ?"
+
+    def time_expr(self, fmt: str) -> str:
+        pattern = "YYYY-MM-DD" if fmt == "day" else 'YYYY-MM-DD"T"HH24":00Z"'
+        return f"to_char(to_timestamp(ts) AT TIME ZONE 'UTC', '{pattern}')"
+
+    def __repr__(self) -> str:  # never the DSN: it may hold a password
+        return "<PostgresStore>"
+
+
+def open_store(cfg: LedgerConfig) -> Store:
+    """The store a `ledger:` section names. Opening never fails on a database that is down: using it does."""
+    if cfg.dsn is not None:
+        return PostgresStore(cfg.dsn.get_secret_value())
+    return SqliteStore(cfg.sqlite_path)
+
+
+DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+
+
+def db_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the database is unreachable or refused", for both dialects."""
+    errors = DB_ERRORS
+    import sys
+
+    if "psycopg" in sys.modules:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        errors = (*errors, psycopg.Error, PoolTimeout)
+    return errors

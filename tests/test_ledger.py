@@ -1,0 +1,300 @@
+"""The usage ledger over a real SQLite file: one row per call, written off the hot path, never lost; usage queries."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import KEY_A, KEY_B, MakeRouter, standard_config
+from prometheus_client import CollectorRegistry, generate_latest
+
+from router import ProviderError, Router, StreamInterruptedError, query_usage
+from router.cli import main
+from router.config import LedgerConfig
+from router.ledger import Ledger, ledger_of
+from router.sandbox import Reply, Upstream
+from router.usage import read_calls, render
+
+PRICES = """
+pricing:
+  a/model-a: {{input_per_1m: 1.0, output_per_1m: 2.0}}
+  b/model-b: {{input_per_1m: 3.0, output_per_1m: 5.0}}
+  c/model-c: {{input_per_1m: 7.0, output_per_1m: 11.0}}
+ledger: {{path: "{path}", flush_interval_s: {interval}{more}}}
+"""
+
+
+def ledger_extra(path: Path, interval: float = 0.05, spool: Path | None = None) -> str:
+    return PRICES.format(path=path, interval=interval, more=f', spool_path: "{spool}"' if spool else "")
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return read_calls(LedgerConfig(path=str(path)), since=0)
+
+
+def the_ledger(r: Router) -> Ledger:
+    led = ledger_of(r._hooks.hooks)
+    assert led is not None
+    return led
+
+
+def test_every_call_is_recorded_once_with_what_it_used(make_router: MakeRouter, up: Upstream, tmp_path: Path) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(extra=ledger_extra(db))
+    up.enqueue("a", Reply(text="one", usage=(10, 20)))
+    first = r.generate("hi", tags={"tenant": "acme", "user": "u-17"})
+    up.enqueue("a", Reply(status=503), Reply(status=503))
+    up.enqueue("b", Reply(text="two", usage=(3, 4)))
+    second = r.generate("hi", tags={"tenant": "globex"})
+    up.enqueue("a", Reply(status=400, error="bad"))
+    with pytest.raises(ProviderError):
+        r.generate("hi")
+    r.close()
+
+    got = rows(db)
+    assert [g["outcome"] for g in got] == ["success", "success", "bad_request"]
+    assert len({g["id"] for g in got}) == 3
+    one, two, bad = got
+    assert one["tags"] == {"tenant": "acme", "user": "u-17"}
+    assert (one["alias"], one["provider"], one["model"], one["attempts"]) == ("chat", "a", "model-a", 1)
+    assert (one["input_tokens"], one["output_tokens"], one["cost_source"]) == (10, 20, "config")
+    assert one["cost_nusd"] == round(first.cost_usd * 1e9) == 10 * 1000 + 20 * 2000
+    assert one["key_name"].startswith("key-") and one["latency_s"] > 0
+    assert (two["provider"], two["attempts"], two["cost_nusd"]) == ("b", 3, round(second.cost_usd * 1e9))
+    assert two["failed_cost_nusd"] == 0 and two["tags"] == {"tenant": "globex"}
+    assert (bad["provider"], bad["attempts"], bad["cost_nusd"], bad["tags"]) == ("a", 1, 0, {})
+    raw = db.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    assert KEY_A.encode() not in raw and KEY_B.encode() not in raw
+
+
+@pytest.mark.asyncio
+async def test_async_calls_and_streams_are_recorded(make_router: MakeRouter, up: Upstream, tmp_path: Path) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(extra=ledger_extra(db))
+    up.route("a").set_default(Reply(text="one two three", usage=(5, 6)))
+    await asyncio.gather(*(r.agenerate("hi", tags={"tenant": f"t{i}"}) for i in range(3)))
+    stream = await r.agenerate("hi", stream=True, tags={"tenant": "s"})
+    text = "".join([d async for d in stream])
+    sync_stream = r.generate("hi", stream=True, tags={"tenant": "sync-s"})
+    assert "".join(sync_stream) == text
+    r.close()
+    got = {g["tags"]["tenant"]: g for g in rows(db)}
+    assert set(got) == {"t0", "t1", "t2", "s", "sync-s"}
+    assert all(g["outcome"] == "success" and g["input_tokens"] == 5 and g["output_tokens"] == 6 for g in got.values())
+
+
+def test_a_stream_cut_after_text_is_billed_as_a_failed_attempt(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(extra=ledger_extra(db))
+    up.enqueue("a", Reply(text="alpha beta gamma delta", cut_after=2, usage=(8, 9)))
+    stream = r.generate("hi", stream=True, tags={"tenant": "acme"})
+    with pytest.raises(StreamInterruptedError) as info:
+        for _ in stream:
+            pass
+    r.close()
+    (row,) = rows(db)
+    assert row["outcome"] == "stream_interrupted"
+    assert row["failed_cost_nusd"] == row["cost_nusd"] == round(info.value.cost_usd * 1e9) > 0
+
+
+def test_tags_never_reach_the_metrics(
+    make_router: MakeRouter, up: Upstream, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    r = make_router(extra=ledger_extra(tmp_path / "l.sqlite3"))
+    r.generate("hi", tags={"tenant": "acme-secret-tenant", "user": "u-17"})
+    r.close()
+    text = generate_latest(registry).decode()
+    assert "acme-secret-tenant" not in text and "u-17" not in text
+    assert 'alias="chat"' in text
+
+
+def test_rows_wait_in_the_spool_while_the_database_is_down(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "not-mounted-yet" / "ledger.sqlite3"  # sqlite cannot open a file in a missing directory
+    spool = tmp_path / "spool.jsonl"
+    extra = ledger_extra(db, spool=spool)
+    r = make_router(extra=extra)
+    for i in range(5):
+        assert r.generate("hi", tags={"n": str(i)}).text  # the calls never notice
+    assert the_ledger(r).flush(10)
+    assert spool.stat().st_size > 0 and not db.exists()
+    r.close()  # still down at exit: the rows stay in the spool
+
+    db.parent.mkdir()  # the database is back: the next Router using that spool writes them first
+    r2 = make_router(extra=extra)
+    r2.generate("hi", tags={"n": "5"})
+    r2.close()
+    assert sorted(int(g["tags"]["n"]) for g in rows(db)) == list(range(6))
+    assert spool.stat().st_size == 0
+
+
+def test_a_line_torn_by_a_crash_does_not_cost_the_rest_of_the_spool(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "later" / "ledger.sqlite3"
+    spool = tmp_path / "spool.jsonl"
+    r = make_router(extra=ledger_extra(db, spool=spool))
+    r.generate("hi", tags={"n": "0"})
+    r.close()
+    with spool.open("a") as f:
+        f.write('["0123abc", 17')  # a crash in the middle of an append
+    db.parent.mkdir()
+    r2 = make_router(extra=ledger_extra(db, spool=spool))
+    r2.generate("hi", tags={"n": "1"})
+    r2.close()
+    assert sorted(g["tags"]["n"] for g in rows(db)) == ["0", "1"]
+
+
+_CHILD = """
+import os, sys, time
+from router import Router
+r = Router.from_yaml(sys.argv[1])
+for i in range(int(sys.argv[2])):
+    r.generate("hi", tags={"n": str(i)})
+if sys.argv[3] == "crash":
+    time.sleep(0.6)  # more than flush_interval_s: what came before is written
+    print("ready", flush=True)
+    time.sleep(60)
+print("exiting", flush=True)  # no close(): atexit flushes
+"""
+
+
+def _config_file(tmp_path: Path, up: Upstream, db: Path, interval: float = 0.05) -> Path:
+    text = standard_config(extra=ledger_extra(db, interval)).replace("{UP}", up.url)
+    for k, v in {"${KEY_A}": KEY_A, "${KEY_B}": KEY_B, "${KEY_C}": "sk-c-0123456789"}.items():
+        text = text.replace(k, v)
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "router.yaml"
+    path.write_text(text)
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
+
+
+def test_rows_survive_process_exit_and_a_crash_loses_at_most_the_last_window(up: Upstream, tmp_path: Path) -> None:
+    up.route("a").set_default(Reply(text="ok", usage=(1, 1)))
+    db_exit, db_crash = tmp_path / "exit.sqlite3", tmp_path / "crash.sqlite3"
+    # A long interval: at exit, the rows are still queued unless atexit flushes them.
+    cfg_exit = _config_file(tmp_path / "e", up, db_exit, interval=30)
+    cfg_crash = _config_file(tmp_path / "c", up, db_crash, interval=0.1)
+    # Both children at once: each imports litellm, which is most of the time.
+    exiting = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(cfg_exit), "7", "exit"], env=_env(), stderr=subprocess.PIPE
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(cfg_crash), "7", "crash"], env=_env(), stdout=subprocess.PIPE
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+        child.send_signal(signal.SIGKILL)
+        _, err = exiting.communicate(timeout=120)
+        assert exiting.returncode == 0, err.decode()[-2000:]
+    finally:
+        child.wait(30)
+        if exiting.poll() is None:
+            exiting.kill()
+    assert len(rows(db_exit)) == 7
+    assert len(rows(db_crash)) == 7
+
+
+def test_usage_sums_agree_with_the_rows(make_router: MakeRouter, up: Upstream, tmp_path: Path) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(extra=ledger_extra(db))
+    plan = [("acme", "a"), ("acme", "a"), ("acme", "b"), ("globex", "a"), ("globex", "c"), (None, "a")]
+    for i, (tenant, route) in enumerate(plan):
+        up.enqueue("a", *([Reply(text="x", usage=(i + 1, 2 * i + 1))] if route == "a" else [Reply(status=503)] * 2))
+        if route != "a":
+            up.enqueue("b", *([Reply(text="y", usage=(i + 3, i + 2))] if route == "b" else [Reply(status=503)] * 2))
+        if route == "c":
+            up.enqueue("c", Reply(text="z", usage=(i, i)))
+        r.generate("hi", tags={"tenant": tenant} if tenant else None)
+    r.close()
+
+    got = rows(db)
+    grouped = query_usage(r.config, since="1h", by=["tenant", "provider"])
+    expect: dict[tuple[Any, ...], list[int]] = {}
+    for g in got:
+        acc = expect.setdefault((g["tags"].get("tenant"), g["provider"]), [0, 0, 0, 0])
+        for i, col in enumerate(("input_tokens", "output_tokens", "cost_nusd")):
+            acc[i] += g[col]
+        acc[3] += 1
+    assert {
+        (u.group["tenant"], u.group["provider"]): [u.input_tokens, u.output_tokens, u.cost_nusd, u.calls]
+        for u in grouped
+    } == expect
+    assert len(grouped) == 5
+    (everything,) = query_usage(r.config, since="1h")
+    assert everything.cost_nusd == sum(g["cost_nusd"] for g in got) and everything.calls == 6
+    assert query_usage(r.config, since=time.time() + 10) == []
+    table = render(grouped, ["tenant", "provider"])
+    assert table.splitlines()[0].split()[:3] == ["tenant", "provider", "calls"]
+    assert table.splitlines()[-1].startswith("total")
+
+
+def test_the_usage_command_prints_table_csv_and_json(
+    up: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    cfg = _config_file(tmp_path, up, db)
+    r = Router.from_yaml(cfg, registry=CollectorRegistry())
+    up.route("a").set_default(Reply(text="ok", usage=(10, 20)))
+    for tenant in ("acme", "acme", "globex"):
+        r.generate("hi", tags={"tenant": tenant})
+    r.close()
+
+    assert main(["usage", "-c", str(cfg), "--since", "24h", "--by", "tenant,provider", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(d["tenant"], d["provider"], d["calls"]) for d in data] == [("acme", "a", 2), ("globex", "a", 1)]
+    assert data[0]["cost_usd"] == f"{2 * (10 * 1e-6 + 20 * 2e-6):.9f}"
+
+    assert main(["usage", "-c", str(cfg), "--by", "tenant", "--format", "csv"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("tenant,calls,errors,input_tokens") and lines[1].startswith("acme,2,0,20,40,")
+
+    assert main(["usage", "-c", str(cfg), "--by", "tenant,day"]) == 0
+    out = capsys.readouterr().out
+    assert "acme" in out and time.strftime("%Y-%m-%d", time.gmtime()) in out
+
+    assert main(["usage", "-c", str(cfg), "--since", "yesterday"]) == 1
+    assert "neither a duration" in capsys.readouterr().err
+
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(cfg.read_text().split("\nledger:")[0] + "\n")
+    assert main(["usage", "-c", str(bare)]) == 1
+    assert "has no ledger: section" in capsys.readouterr().err
+
+
+def test_the_ledger_is_a_config_section(tmp_path: Path) -> None:
+    from router import ConfigError, parse_config
+
+    base = textwrap.dedent(
+        """
+        version: 1
+        providers: {a: {kind: openai}}
+        aliases: {chat: {targets: [a/m]}}
+        """
+    )
+    assert parse_config(base + "ledger: {}\n").ledger == LedgerConfig()
+    assert parse_config(base).ledger is None
+    with pytest.raises(ConfigError, match="ledger: give path"):
+        parse_config(base + 'ledger: {path: x.db, dsn: "postgresql://u:pw@h/db"}\n')
+    cfg = parse_config(base + 'ledger: {dsn: "postgresql://u:hunter2@h/db"}\n')
+    assert cfg.ledger is not None and "hunter2" not in repr(cfg.ledger)
