@@ -13,9 +13,10 @@ longer matches is dropped and the call goes to a provider. A hit costs nothing: 
 `cost_usd` 0 and `cost_source` "cache"; what the answer cost when it was bought is counted in
 `cost_saved_usd_total`.
 
-Stores: `MemoryStore` (this process, bounded in entries and bytes, least recently used evicted first) and
+Stores: `MemoryStore` (this process, bounded in entries and bytes, least recently used evicted first),
 `FileStore` (a SQLite file in WAL mode, shared by every worker of a host; writes go through a background thread
-so the call's thread never waits on them). Standard library only.
+so the call's thread never waits on them), both standard library only, and `RedisStore` (the Redis of the
+`state:` section, shared by a fleet; needs the `redis` extra).
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from .hooks import Call, Hook
 from .types import Result, Usage
 
 if TYPE_CHECKING:
-    from .config import CacheConfig
+    from .config import CacheConfig, StateConfig
     from .metrics import RouterMetrics
 
 log = logging.getLogger("router")
 
 # Request kwargs that are not part of the request itself: how it is sent, or secrets.
-_NOT_HASHED = frozenset({"api_key", "timeout", "max_retries", "extra_headers", "stream", "stream_options"})
+_NOT_HASHED = frozenset(
+    {"api_key", "timeout", "max_retries", "drop_params", "extra_headers", "stream", "stream_options"}
+)
 # Answers that cannot be replayed from their text alone, or that a provider refused.
 _NOT_STORED = frozenset({"tool_calls", "function_call", "content_filter"})
 _DATA = "cache"  # this hook's key in Call.data
@@ -308,21 +311,122 @@ class FileStore:
             total -= freed
 
 
-def make_store(config: CacheConfig | None) -> Store:
-    """The store a config's `cache:` section names (default: in this process)."""
+class RedisStore:
+    """Answers in Redis, shared by a fleet: one string per answer under `prefix:cache:`, expiring with its ttl.
+
+    Redis bounds its memory itself (its `maxmemory` and `maxmemory-policy`); this store only refuses an answer
+    bigger than `max_bytes`. Reads are one GET on the caller's thread (off the event loop under agenerate());
+    writes go through a background thread. Redis down: every lookup is a miss and every write is dropped, logged
+    once per outage, with the URL shown without its credentials. A call never fails because of the cache.
+    """
+
+    blocking = True
+
+    def __init__(self, url: str, prefix: str, timeout_s: float, max_bytes: int = 64 * 1024 * 1024) -> None:
+        import redis  # the `redis` extra, as for state.backend redis
+
+        from .state import redis_where
+
+        self.where = redis_where(url)  # never the password
+        self.prefix = f"{prefix}:cache:"
+        self.max_bytes = max_bytes
+        self._r: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._down = False
+        self._jobs: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write_loop, name="llm-router-cache-writer", daemon=True)
+        self._writer.start()
+        self._closed = False
+
+    def get(self, key: str, now: float) -> bytes | None:
+        """The live value under `key`; None if absent, expired, or Redis does not answer."""
+        try:
+            raw = self._r.get(self.prefix + key)
+        except self._errors as exc:
+            self._failed(exc)
+            return None
+        self._up()
+        return bytes(raw) if raw is not None else None
+
+    def put(self, key: str, value: bytes, expires_at: float) -> None:
+        """Queue `value` for storing until `expires_at` (unix time)."""
+        if len(key) + len(value) <= self.max_bytes and not self._closed:
+            self._jobs.put(("put", (key, value, expires_at)))
+
+    def delete(self, key: str) -> None:
+        """Queue the removal of `key`."""
+        if not self._closed:
+            self._jobs.put(("delete", (key,)))
+
+    def flush(self) -> None:
+        """Wait until every queued write is done."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        """Finish the queued writes, stop the writer and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._writer.join(timeout=10)
+        self._r.close()
+
+    def _write_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                op, args = job
+                if op == "delete":
+                    self._r.delete(self.prefix + args[0])
+                else:
+                    key, value, expires_at = args
+                    ttl_ms = int((expires_at - time.time()) * 1000)
+                    if ttl_ms > 0:
+                        self._r.set(self.prefix + key, value, px=ttl_ms)
+                self._up()
+            except self._errors as exc:
+                self._failed(exc)
+            finally:
+                self._jobs.task_done()
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            name = type(exc).__name__
+            log.warning("response cache: redis at %s does not answer (%s); calls go to providers", self.where, name)
+
+    def _up(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("response cache: redis at %s answers again", self.where)
+
+
+def make_store(config: CacheConfig | None, state: StateConfig | None = None) -> Store:
+    """The store a config's `cache:` section names (default: in this process); `state`: where `redis` is."""
     if config is None:
         return MemoryStore()
     if config.store == "file":
         assert config.path is not None  # checked at load
         return FileStore(config.path, config.max_entries, config.max_bytes)
+    if config.store == "redis":
+        assert state is not None and state.url is not None  # checked at load: state.backend is redis
+        return RedisStore(state.url.get_secret_value(), state.prefix, state.timeout_s, config.max_bytes)
     return MemoryStore(config.max_entries, config.max_bytes)
 
 
 class CacheHook(Hook):
     """Answers a call from the store when its alias caches and the same request was answered before."""
 
-    def __init__(self, config: CacheConfig | None, metrics: RouterMetrics, store: Store | None = None) -> None:
-        self.store = store if store is not None else make_store(config)
+    def __init__(
+        self,
+        config: CacheConfig | None,
+        metrics: RouterMetrics,
+        store: Store | None = None,
+        state: StateConfig | None = None,
+    ) -> None:
+        self.store = store if store is not None else make_store(config, state)
         self.metrics = metrics
         self.blocking = self.store.blocking
 

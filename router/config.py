@@ -320,18 +320,25 @@ class AliasCacheConfig(_Model):
 
 
 class CacheConfig(_Model):
-    """Where cached answers live: in this process (`memory`) or in a SQLite file shared by a host's workers."""
+    """Where cached answers live: in this process (`memory`), in a SQLite file shared by a host's workers
+    (`file`), or in the Redis of `state:` (`redis`), shared by a fleet."""
 
-    store: Literal["memory", "file"] = Field("memory", description="memory: this process; file: a SQLite file.")
+    store: Literal["memory", "file", "redis"] = Field(
+        "memory", description="memory: this process; file: a SQLite file; redis: state.url (state.backend redis)."
+    )
     path: str | None = Field(None, description="store: file: the SQLite file (created if missing).")
-    max_entries: PositiveInt = Field(10_000, description="Most answers kept; the least recently used go first.")
-    max_bytes: PositiveInt = Field(64 * 1024 * 1024, description="Most bytes of answers kept.")
+    max_entries: PositiveInt = Field(
+        10_000, description="Most answers kept; the least recently used go first (redis: its maxmemory-policy)."
+    )
+    max_bytes: PositiveInt = Field(
+        64 * 1024 * 1024, description="Most bytes of answers kept (redis: a bigger answer is not stored)."
+    )
 
     @model_validator(mode="after")
     def _file_has_path(self) -> CacheConfig:
         if self.store == "file" and not self.path:
             raise ValueError("store: file needs a path (e.g. /var/cache/llm-router/cache.sqlite)")
-        if self.store == "memory" and self.path is not None:
+        if self.store != "file" and self.path is not None:
             raise ValueError("path is only for store: file")
         return self
 
@@ -476,6 +483,14 @@ def _check_budgets(cfg: RouterConfig, src: _Source) -> None:
                 src.problem(loc + ("key",), f"no provider has a key named {b.key!r}{_suggest(b.key, names)}")
     if cfg.budgets and cfg.ledger is None:
         src.problem(("budgets",), "budgets keep their spend in the ledger's database: add a ledger: section")
+
+
+def _check_cache(cfg: RouterConfig, src: _Source) -> None:
+    if cfg.cache is not None and cfg.cache.store == "redis" and cfg.state.backend != "redis":
+        src.problem(
+            ("cache", "store"),
+            'store: redis uses the Redis of the state: section: add state: {backend: redis, url: "${REDIS_URL}"}',
+        )
 
 
 class RouterConfig(_Model):
@@ -1017,6 +1032,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
             src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
     cfg._tiers = tiers
     _check_budgets(cfg, src)
+    _check_cache(cfg, src)
 
 
 def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:

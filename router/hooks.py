@@ -226,7 +226,7 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
     if config.cache is not None or any(a.cache is not None for a in config.aliases.values()):
         from .cache import CacheHook
 
-        hooks.append(CacheHook(config.cache, metrics))
+        hooks.append(CacheHook(config.cache, metrics, state=config.state))
     if config.ledger is not None:
         from .store import open_store
 

@@ -5,8 +5,10 @@ The upstream's history says whether a request went out; the registry says what w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,11 @@ import pytest
 from conftest import KEY_A, KEY_B, MakeRouter, standard_config, standard_env
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, field_validator
+from redis_server import RedisServer, require
 
 from router import (
     AllTargetsFailedError,
+    BudgetExceededError,
     ConfigError,
     ProviderError,
     Result,
@@ -24,9 +28,11 @@ from router import (
     StreamInterruptedError,
     parse_config,
 )
-from router.cache import FileStore, MemoryStore, request_key
+from router.cache import CacheHook, FileStore, MemoryStore, RedisStore, request_key
+from router.config import LedgerConfig
 from router.hooks import AttemptReport, Call, Hook
 from router.sandbox import Reply, Upstream
+from router.usage import read_calls
 
 PRICE_A = (2.0, 8.0)
 PRICE_B = (1.0, 4.0)
@@ -376,7 +382,8 @@ def test_the_file_store_is_bounded_in_entries_and_bytes(tmp_path: Path) -> None:
     [
         ("cache: {store: file}", "test.yaml:16: cache: store: file needs a path"),
         ("cache: {store: memory, path: /tmp/x}", "path is only for store: file"),
-        ("cache: {store: redis}", "cache.store"),
+        ("cache: {store: redis}", "cache.store: store: redis uses the Redis of the state: section"),
+        ("cache: {store: redis, path: /tmp/x}", "path is only for store: file"),
         ("cache: {max_entries: 0}", "cache.max_entries"),
         ("cache: {ttl: 3}", "cache.ttl: unknown key"),
     ],
@@ -411,3 +418,165 @@ def test_a_reload_that_drops_an_alias_cache_stops_serving_it(up: Upstream, tmp_p
     assert r.reload()
     res = r.generate("hi", model="cached")
     assert (res.text, res.cached) == ("two", False)
+
+
+# -- the ledger and budgets: a hit is a call that cost nothing ------------------------------------------------
+
+
+def with_ledger(db: Path, budgets: str = "") -> str:
+    return CONFIG + f'ledger: {{path: "{db}", flush_interval_s: 0.05}}\n' + budgets
+
+
+def test_a_hit_is_one_ledger_row_at_no_cost_from_the_cache(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(with_ledger(db))
+    up.enqueue("a", Reply(text="the answer", usage=(10, 20)))
+    r.generate("hi", model="cached", tags={"tenant": "acme"})
+    hit = r.generate("hi", model="cached", tags={"tenant": "acme"})
+    r.close()
+    assert hit.cached and sent(up) == 1
+    bought, served = read_calls(LedgerConfig(path=str(db)), since=0)
+    assert (bought["cost_source"], bought["cost_nusd"], bought["attempts"]) == ("config", round(COST_A * 1e9), 1)
+    assert (served["alias"], served["outcome"], served["provider"], served["model"]) == (
+        "cached",
+        "success",
+        "a",
+        "model-a",
+    )
+    assert (served["cost_nusd"], served["failed_cost_nusd"], served["cost_source"]) == (0, 0, "cache")
+    assert (served["attempts"], served["input_tokens"], served["output_tokens"]) == (0, 0, 0)  # nothing billed
+    assert served["tags"] == {"tenant": "acme"} and served["key_name"] is None
+    assert served["id"] != bought["id"]
+
+
+@pytest.mark.asyncio
+async def test_async_a_streamed_hit_is_one_ledger_row_at_no_cost(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(with_ledger(db))
+    up.enqueue("a", Reply(text="one two three", usage=(4, 5)))
+    first = await r.agenerate("hi", model="cached", stream=True)
+    text = "".join([d async for d in first])
+    again = await r.agenerate("hi", model="cached", stream=True)
+    assert "".join([d async for d in again]) == text and again.result.cached
+    await asyncio.to_thread(r.close)
+    rows = read_calls(LedgerConfig(path=str(db)), since=0)
+    assert [(g["outcome"], g["cost_source"], g["attempts"]) for g in rows] == [
+        ("success", "config", 1),
+        ("success", "cache", 0),
+    ]
+    assert rows[1]["cost_nusd"] == 0
+
+
+def test_a_budget_reserves_nothing_for_a_hit(
+    make_router: MakeRouter, up: Upstream, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    # One call's worst case (max_tokens 100 at $8/1M output, plus the prompt) fits; after one that used all
+    # 100 tokens ($0.00082 spent), another does not.
+    budget = "budgets:\n  - {name: cached-day, alias: cached, period: day, limit_usd: 0.0012}\n"
+    r = make_router(with_ledger(db, budget))
+    up.route("a").set_default(Reply(text="the answer", usage=(10, 100)))
+    r.generate("hi", model="cached", max_tokens=100)
+    for _ in range(3):  # the budget cannot take another request, but a hit sends none
+        assert r.generate("hi", model="cached", max_tokens=100).cached
+    with pytest.raises(BudgetExceededError):  # a miss still asks the budget: now over it
+        r.generate("something else", model="cached", max_tokens=100)
+    r.close()
+    assert sent(up) == 1
+    assert sample(registry, "llm_router_budget_rejections_total", budget="cached-day", reason="limit") == 1
+    outcomes = [(g["outcome"], g["cost_source"]) for g in read_calls(LedgerConfig(path=str(db)), since=0)]
+    assert outcomes == [("success", "config")] + [("success", "cache")] * 3 + [("budget_exceeded", None)]
+
+
+# -- store: redis, the Redis of state: (a real redis-server) --------------------------------------------------
+
+REDIS_PASSWORD = "s3cret-cache-passw0rd"
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer(require()) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    import redis
+
+    redis_server.start()  # a test may have stopped it
+    redis.Redis.from_url(redis_server.url).flushall()
+    return redis_server.url
+
+
+def redis_config(url: str) -> str:
+    return CONFIG + f'state: {{backend: redis, url: "{url}", prefix: fleet-1}}\ncache: {{store: redis}}\n'
+
+
+def cache_store(r: Router) -> Any:
+    (hook,) = [h for h in r._hooks.hooks if isinstance(h, CacheHook)]
+    return hook.store
+
+
+def test_a_redis_store_is_shared_by_a_fleet(make_router: MakeRouter, up: Upstream, redis_url: str) -> None:
+    import redis
+
+    first = make_router(redis_config(redis_url))
+    assert isinstance(cache_store(first), RedisStore)
+    up.enqueue("a", Reply(text="shared", usage=(10, 20)))
+    up.enqueue("a", Reply(text="brief"))
+    assert first.generate("hi", model="cached").text == "shared"
+    assert first.generate("hi", model="brief").text == "brief"  # ttl_s 0.3
+    cache_store(first).flush()
+    other = make_router(redis_config(redis_url))  # another replica: its own connections to the same Redis
+    hit = other.generate("hi", model="cached")
+    assert (hit.cached, hit.text, hit.cost_usd, hit.cost_source, sent(up)) == (True, "shared", 0.0, "cache", 2)
+    client = redis.Redis.from_url(redis_url)
+    names = sorted(k.decode() for k in client.keys("*"))
+    assert all(n.startswith("fleet-1:cache:") for n in names if ":cache:" in n) and len(names) >= 2
+    values = b"".join(client.get(n) or b"" for n in names if ":cache:" in n)
+    assert b"shared" in values and KEY_A.encode() not in values and b"sk-test" not in values
+    assert 0 < max(client.pttl(n) for n in names if ":cache:" in n) <= 60_000  # Redis expires them itself
+    time.sleep(0.5)
+    up.enqueue("a", Reply(text="brief again"))
+    assert other.generate("hi", model="brief").text == "brief again"  # the 0.3 s answer expired in Redis
+    first.close()
+    other.close()
+
+
+@pytest.mark.asyncio
+async def test_async_a_redis_hit_is_read_off_the_event_loop(
+    make_router: MakeRouter, up: Upstream, redis_url: str
+) -> None:
+    r = make_router(redis_config(redis_url))
+    assert r._hooks.blocking  # a lookup is network I/O: agenerate() runs it in a thread
+    up.enqueue("a", Reply(text="async shared"))
+    assert (await r.agenerate("hi", model="cached")).text == "async shared"
+    await asyncio.to_thread(cache_store(r).flush)
+    hit = await r.agenerate("hi", model="cached")
+    assert (hit.cached, hit.text, sent(up)) == (True, "async shared", 1)
+    await asyncio.to_thread(r.close)
+
+
+def test_redis_down_means_misses_never_failed_calls(
+    make_router: MakeRouter, up: Upstream, redis_server: RedisServer, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = redis_url.replace("redis://", f"redis://:{REDIS_PASSWORD}@")  # a password the logs must not show
+    import redis
+
+    redis.Redis.from_url(redis_url).config_set("requirepass", REDIS_PASSWORD)
+    r = make_router(redis_config(url))
+    redis_server.stop()
+    up.route("a").set_default(Reply(text="from a"))
+    for _ in range(3):
+        res = r.generate("hi", model="cached")
+        assert (res.text, res.cached) == ("from a", False)
+    cache_store(r).flush()
+    assert sent(up) == 3
+    r.close()
+    logged = [m for m in caplog.messages if "response cache: redis" in m]
+    assert len(logged) == 1 and "127.0.0.1" in logged[0]  # once per outage, where it is, not how to log in
+    assert REDIS_PASSWORD not in caplog.text
