@@ -315,6 +315,8 @@ class Budgets(Hook):
         self._counter_lock = threading.Lock()
 
     def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        if not call.hedge:  # no request of the call is in flight: a hold left was for one a later hook stopped
+            self._release(call)
         alias = call.rerouted_to or call.alias
         in_scope = [
             (b, s) for b in self.budgets if (s := scope_of(b, alias, target, call.key_name, call.tags)) is not None
@@ -362,7 +364,9 @@ class Budgets(Hook):
             self.store.settle(hold_id, holds, cost)
 
     def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
-        # Holds left: a later hook refused (or rerouted) the request one was made for, so it was never sent.
+        self._release(call)  # a later hook refused the request a hold was for
+
+    def _release(self, call: Call) -> None:
         for held in call.data.pop("budgets", {}).values():
             for hold_id, holds in held:
                 self.store.settle(hold_id, holds, 0)

@@ -676,6 +676,7 @@ class Router:
             send = {**kwargs, "timeout": limit}
             if self._hooks:
                 plan.call.key_name = key.name if key is not None else None
+                plan.call.hedge = False
                 hook = partial(self._hooks.before_attempt, plan.call, target, send)
                 _raised((yield _Run(hook, self._hooks.blocking)))
             if key is not None:
@@ -968,6 +969,7 @@ class Router:
         send = {**kwargs, "timeout": limit}
         if self._hooks:
             plan.call.key_name = key.name if key is not None else None
+            plan.call.hedge = is_hedge
             _raised((yield _Run(partial(self._hooks.before_attempt, plan.call, target, send), self._hooks.blocking)))
         if key is not None:
             send["api_key"] = key.secret.get_secret_value()

@@ -11,7 +11,9 @@ in `client.py` stays the one place that decides and `Router` stays small. A call
     before_attempt(call, target, request)   before each request (retries and fallbacks included). May raise
                                             a `RouterError` to stop the call, or `Reroute(alias, instead)`
                                             to re-plan it, once, on another alias (a cheaper model).
-                                            `call.key_name` is the key it will use. `blocking` as above.
+                                            `call.key_name` is the key it will use; `call.hedge` says
+                                            it races requests of the call still in flight (their
+                                            attempt_finished comes later). `blocking` as above.
     attempt_finished(call, report)          after each request, however it ended (`AttemptReport`).
     call_finished(call, result, error)      once, when the call ends: answered, raised or cancelled
                                             (`call.outcome` says which).
@@ -86,6 +88,7 @@ class Call:
     response_format: Format | None = None  # generate(response_format=...), as the router checks answers
     cache: bool = True  # False: generate(cache=False), the caller wants no answer from a cache
     key_name: str | None = None  # the key of the request about to go out (before_attempt), never the secret
+    hedge: bool = False  # before_attempt: this request is a hedge, racing the call's requests still in flight
     rerouted_to: str | None = None  # the alias a Reroute moved the call to
 
     @classmethod

@@ -166,8 +166,9 @@ def test_max_extra_hedges_go_out_one_delay_apart(
     res = call(r, mode, "wide")
     assert res.provider == "c"
     assert trail(res.attempts) == [("a", "cancelled"), ("b", "cancelled"), ("c", "success")]
+    # Arrival times at the upstream: a loaded machine may delay the first request's arrival more than the next's.
     sent_at = {rec.route: rec.time for rec in up.history}
-    assert sent_at["b"] - sent_at["a"] >= HEDGE_AFTER * 0.9 and sent_at["c"] - sent_at["b"] >= HEDGE_AFTER * 0.9
+    assert sent_at["b"] - sent_at["a"] >= HEDGE_AFTER * 0.5 and sent_at["c"] - sent_at["b"] >= HEDGE_AFTER * 0.5
     assert sample(registry, "llm_router_hedges_total", alias="wide", provider="c", model="model-c") == 1
 
 
