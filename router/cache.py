@@ -485,6 +485,8 @@ class CacheHook(Hook):
         looked_up = call.data.get(_DATA)
         if result is None or looked_up is None or call.outcome != "success" or not storable(result):
             return
+        if call.rerouted_to is not None:  # answered on another alias's request (a budget's fallback): not this one
+            return
         keys, ttl_s = looked_up
         key = keys.get(f"{result.provider}/{result.model}")
         if key is not None:

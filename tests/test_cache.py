@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,14 @@ from router import (
     ProviderError,
     Result,
     Router,
+    RouterError,
     StreamInterruptedError,
+    Target,
     parse_config,
 )
 from router.cache import CacheHook, FileStore, MemoryStore, RedisStore, request_key
 from router.config import LedgerConfig
-from router.hooks import AttemptReport, Call, Hook
+from router.hooks import AttemptReport, Call, Hook, Reroute
 from router.sandbox import Reply, Upstream
 from router.usage import read_calls
 
@@ -315,6 +317,23 @@ def test_hooks_see_a_hit_at_no_cost_and_no_attempt(make_router: MakeRouter, up: 
     hit = seen.finished[-1]
     assert hit is not None and (hit.cached, hit.cost_usd, hit.cost_source) == (True, 0.0, "cache")
     assert len(seen.attempts) == 1  # the first call's request only
+
+
+class RerouteToSingle(Hook):
+    """A budget's fallback, as the seam sees it: the first request of a call on `cached` moves it to `single`."""
+
+    def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
+        if call.alias == "cached" and call.rerouted_to is None:
+            raise Reroute("single", RouterError("cached is over budget"))
+
+
+def test_an_answer_from_a_rerouted_call_is_not_stored(make_router: MakeRouter, up: Upstream) -> None:
+    r = make_router(CONFIG, hooks=[RerouteToSingle()])
+    up.route("a").set_default(Reply(text="from single"))
+    for _ in range(2):  # single's request, not cached's: storing it under cached's would serve it wrongly
+        res = r.generate("hi", model="cached", max_tokens=5)
+        assert (res.text, res.cached) == ("from single", False)
+    assert sent(up) == 2
 
 
 def test_a_file_store_is_shared_by_routers_on_one_host(make_router: MakeRouter, up: Upstream, tmp_path: Path) -> None:
