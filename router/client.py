@@ -531,6 +531,7 @@ class Router:
         result: Result | None = None
         error: BaseException | None = None
         held_open: list[tuple[float, Target, dict[str, Any]]] = []
+        planned_at = 0  # attempts made before the plan in force (a Reroute re-plans): its first one may race
         m.request_started(alias)
         try:
             if hooks:
@@ -566,7 +567,7 @@ class Router:
                     continue
                 if left is not None:
                     m.fallback(alias, left[0], target.provider, left[1])
-                raced = plan.hedge is not None and not attempts
+                raced = plan.hedge is not None and len(attempts) == planned_at
                 try:
                     if raced:
                         first = (target, kwargs, key, probe)
@@ -582,6 +583,7 @@ class Router:
                     plan.call.rerouted_to = rr.alias
                     self._skip_open(alias, skipped, held_open)
                     plan, left = self._replan(plan, rr.alias, skipped), None
+                    planned_at = len(attempts)
                     queue = list(plan.targets)
                     continue
                 if isinstance(outcome, Result):

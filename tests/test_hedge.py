@@ -488,3 +488,16 @@ def test_a_reroute_raised_for_a_hedge_cancels_the_race_and_re_plans(
     assert sample(registry, "llm_router_hedges_total", alias="hedged", provider="b", model="model-b") == 0
     if mode == "sync":
         assert no_request_left_running()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_call_rerouted_from_a_race_races_again_on_its_new_alias(
+    make_router: MakeRouter, up: Upstream, mode: str
+) -> None:
+    r = make_router(CONFIG, hooks=[Watch(reroute_b_to="solo")])  # solo: a alone, hedged on itself
+    up.enqueue("a", Reply(text="slow a", delay_s=SLOW), Reply(text="slow again", delay_s=SLOW), Reply(text="hedge"))
+    t0 = time.monotonic()
+    res = call(r, mode, "hedged")
+    assert time.monotonic() - t0 < SLOW / 2
+    assert res.text == "hedge"
+    assert [a.outcome for a in res.attempts] == ["cancelled", "cancelled", "success"]
