@@ -507,12 +507,14 @@ class StreamState:
             raise item
         return item
 
-    async def anext_chunk(self) -> Any:
-        """The next chunk of an async stream. Raises StopAsyncIteration at its end, TimeoutError past a limit."""
+    async def anext_chunk(self, stream: Any = None) -> Any:
+        """The next chunk of an async stream. Raises StopAsyncIteration at its end, TimeoutError past a limit.
+        `stream`: read this one instead of `self.stream` (the async source of a sync bridge, see hedge.py)."""
+        source = self.stream if stream is None else stream
         if self.limits is None:
-            return await self.stream.__anext__()
+            return await source.__anext__()
         try:
-            return await _within(self.stream.__anext__(), self._wait())
+            return await _within(source.__anext__(), self._wait())
         except asyncio.TimeoutError:
             raise self._timed_out() from None
 

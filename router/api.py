@@ -53,6 +53,7 @@ def generate(
     stream: bool = False,
     response_format: Any = None,
     tags: Mapping[str, str] | None = None,
+    cache: bool = True,
     **params: Any,
 ) -> Any:
     """`Router.generate` on the default Router (see `default_router`): a `Result`, or a `Stream`."""
@@ -67,6 +68,7 @@ def generate(
         stream=stream,
         response_format=response_format,
         tags=tags,
+        cache=cache,
         **params,
     )
 
@@ -83,6 +85,7 @@ async def agenerate(
     stream: bool = False,
     response_format: Any = None,
     tags: Mapping[str, str] | None = None,
+    cache: bool = True,
     **params: Any,
 ) -> Any:
     """`Router.agenerate` on the default Router (see `default_router`): a `Result`, or an `AsyncStream`."""
@@ -97,6 +100,7 @@ async def agenerate(
         stream=stream,
         response_format=response_format,
         tags=tags,
+        cache=cache,
         **params,
     )
 

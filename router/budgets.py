@@ -315,7 +315,8 @@ class Budgets(Hook):
         self._counter_lock = threading.Lock()
 
     def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
-        self._release(call)
+        if not call.hedge:  # no request of the call is in flight: a hold left was for one a later hook stopped
+            self._release(call)
         alias = call.rerouted_to or call.alias
         in_scope = [
             (b, s) for b in self.budgets if (s := scope_of(b, alias, target, call.key_name, call.tags)) is not None
@@ -351,24 +352,27 @@ class Budgets(Hook):
             b = self.by_name[refusal.hold.budget]
             used = refusal.spent_nusd + refusal.held_nusd
             self._refuse(call, b, refusal.hold.scope, used, refusal.hold.amount_nusd / NUSD, now, target, "limit")
-        call.data["budgets"] = (hold_id, tuple(holds))
+        # Keyed by the request's target and key: a hedged race has several requests in flight at once.
+        held: dict[tuple[str, str | None], list[tuple[str, tuple[Hold, ...]]]] = call.data.setdefault("budgets", {})
+        held.setdefault((target.key, call.key_name), []).append((hold_id, tuple(holds)))
 
     def attempt_finished(self, call: Call, report: AttemptReport) -> None:
-        held = call.data.pop("budgets", None)
-        if held is not None:
+        held = call.data.get("budgets", {}).get((report.target.key, report.key_name))
+        if held:
+            hold_id, holds = held.pop(0)  # requests to one target and key hold the same amounts: any one fits
             cost = to_nusd(report.cost_usd or 0.0) if report.usage is not None else 0
-            self.store.settle(held[0], held[1], cost)
+            self.store.settle(hold_id, holds, cost)
 
     def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
-        self._release(call)  # a later hook refused the request this hold was for
+        self._release(call)  # a later hook refused the request a hold was for
+
+    def _release(self, call: Call) -> None:
+        for held in call.data.pop("budgets", {}).values():
+            for hold_id, holds in held:
+                self.store.settle(hold_id, holds, 0)
 
     def close(self) -> None:
         self.store.close()
-
-    def _release(self, call: Call) -> None:
-        held = call.data.pop("budgets", None)
-        if held is not None:
-            self.store.settle(held[0], held[1], 0)
 
     def _refuse(
         self,

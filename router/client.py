@@ -27,8 +27,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import _litellm, structured
-from .config import ApiKey, RouterConfig, Target, file_sha256, load_config
+from . import _litellm, hedge, structured
+from .config import ApiKey, HedgeConfig, RouterConfig, Target, file_sha256, load_config
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -115,6 +115,42 @@ class _Sleep:
 
 
 @dataclass(frozen=True)
+class _Launch:
+    """The loop asks for a request to be started in the background (a hedged race); it is sent its handle."""
+
+    kwargs: dict[str, Any]
+    stream: bool = False
+    limits: _litellm.StreamLimits | None = None  # as _Send's
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """The loop asks for the next raced request to finish within `seconds`; sent (handle, reply) or None."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    """The loop asks for raced requests to be cancelled and closed; sent [(handle, reply or None)], a reply for
+    each one that had finished meanwhile."""
+
+    handles: tuple[int, ...]
+
+
+@dataclass
+class _Racing:
+    """A request of a hedged race, in flight."""
+
+    target: Target
+    send: dict[str, Any]
+    key: ApiKey | None
+    probe: bool
+    t0: float
+    hedge: bool
+
+
+@dataclass(frozen=True)
 class _Snapshot:
     """The config in force and what is derived from it, swapped whole on reload."""
 
@@ -148,9 +184,11 @@ class _Plan:
     call: Call
     stream: bool = False
     fmt: Format | None = None
+    hedge: HedgeConfig | None = None
 
 
-_Step = _Send | _Sleep | _Stream | _Run
+_Step = _Send | _Sleep | _Stream | _Run | _Launch | _Wait | _Cancel
+_RaceStep = (_Launch, _Wait, _Cancel)
 _Loop = Generator[_Step, Any, Result]
 
 
@@ -193,6 +231,7 @@ class Router:
         self._reload_lock = threading.Lock()
         self._watch_stop: threading.Event | None = None
         self._warned_skips: set[tuple[str, str]] = set()
+        self._latencies = hedge.Latencies()  # per target, for hedges timed by a percentile
         self._snap = _snapshot(config, os.environ)
         self.metrics.config_in_force(config.sha256, None, time.time())
 
@@ -295,6 +334,7 @@ class Router:
         stream: bool = False,
         response_format: Any = None,
         tags: Mapping[str, str] | None = None,
+        cache: bool = True,
         **params: Any,
     ) -> Any:
         """Answer `prompt` (or `messages`) with the alias `model`, falling back over its targets in order.
@@ -306,15 +346,17 @@ class Router:
         fallen back from. `system` is prepended unless the messages start with a system message. `provider`
         restricts the call to that provider's targets; `key` pins a named key of the providers' key pools.
         `tags` (str to str, e.g. ``{"tenant": "acme"}``) go to the hooks (ledger, budgets), never to metrics.
+        `cache=False` neither reads nor writes the response cache of an alias that has one.
         `timeout` bounds the whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm
         params (temperature, max_tokens, ...) and override the target's and the alias's. Raises a
         `RouterError` subclass when no target answers.
         """
         plan = self._prepare(
-            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params, cache
         )
         loop = self._attempts(plan)
         handed_over = False
+        racer: hedge.SyncRacer | None = None
         try:
             step = next(loop)
             while True:
@@ -326,6 +368,14 @@ class Router:
                     reply: Any = None
                 elif isinstance(step, _Run):
                     reply = _run(step.fn)
+                elif isinstance(step, _RaceStep):
+                    racer = racer or hedge.SyncRacer()
+                    if isinstance(step, _Launch):
+                        reply = racer.launch(step.kwargs, step.stream, step.limits)
+                    elif isinstance(step, _Wait):
+                        reply = racer.wait(step.seconds)
+                    else:
+                        reply = racer.cancel(step.handles)
                 else:
                     try:
                         if step.stream:
@@ -336,10 +386,12 @@ class Router:
                         reply = exc
                 step = loop.send(reply)
         except StopIteration as done:
-            return done.value
+            return Stream.replay(done.value) if plan.stream else done.value  # a stream answered by a hook
         finally:
             if not handed_over:
                 loop.close()
+            if racer is not None:
+                racer.abandon()
 
     async def agenerate(
         self,
@@ -354,14 +406,16 @@ class Router:
         stream: bool = False,
         response_format: Any = None,
         tags: Mapping[str, str] | None = None,
+        cache: bool = True,
         **params: Any,
     ) -> Any:
         """Async twin of `generate()`, for event loops; with `stream=True` it returns an `AsyncStream`."""
         plan = self._prepare(
-            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, params, cache
         )
         loop = self._attempts(plan)
         handed_over = False
+        racer: hedge.AsyncRacer | None = None
         try:
             step = next(loop)
             while True:
@@ -373,6 +427,14 @@ class Router:
                     reply: Any = None
                 elif isinstance(step, _Run):
                     reply = await asyncio.to_thread(_run, step.fn) if step.blocking else _run(step.fn)
+                elif isinstance(step, _RaceStep):
+                    racer = racer or hedge.AsyncRacer()
+                    if isinstance(step, _Launch):
+                        reply = racer.launch(step.kwargs, step.stream, step.limits)
+                    elif isinstance(step, _Wait):
+                        reply = await racer.wait(step.seconds)
+                    else:
+                        reply = await racer.cancel(step.handles)
                 else:
                     try:
                         if step.stream:
@@ -383,10 +445,12 @@ class Router:
                         reply = exc
                 step = loop.send(reply)
         except StopIteration as done:
-            return done.value
+            return AsyncStream.replay(done.value) if plan.stream else done.value
         finally:
             if not handed_over:
                 loop.close()
+            if racer is not None:
+                racer.abandon()
 
     def explain(self, alias: str | None = None) -> str:
         """The plan a call would follow right now: tiers and weights, what is skipped and why, prices."""
@@ -410,6 +474,7 @@ class Router:
         response_format: Any,
         tags: Mapping[str, str] | None,
         params: dict[str, Any],
+        cache: bool = True,
     ) -> _Plan:
         _litellm.litellm()  # the first call imports it: not inside any attempt's clock or the deadline
         snap = self._snap  # read once: the whole call runs on this config
@@ -438,17 +503,22 @@ class Router:
         fmt = make_format(response_format)
         if fmt is not None and stream:
             raise TypeError("generate() takes stream=True or response_format=, not both")
-        call = Call.new(alias_name, msgs, params, check_tags(tags), stream)
+        targets = tuple((t, _request(t, msgs, merge_params(alias, t, params), stream, fmt)) for t in usable)
+        call = Call.new(
+            alias_name, msgs, params, check_tags(tags), stream, config=cfg, requests=targets, response_format=fmt
+        )
+        call.cache = bool(cache)
         return _Plan(
             snap=snap,
             alias=alias_name,
-            targets=tuple((t, _request(t, msgs, merge_params(alias, t, params), stream, fmt)) for t in usable),
+            targets=targets,
             skipped=tuple(skipped),
             deadline_s=timeout if timeout is not None else cfg.defaults.deadline_s,
             pinned_key=key,
             call=call,
             stream=stream,
             fmt=fmt,
+            hedge=alias.hedge,
         )
 
     def _attempts(self, plan: _Plan) -> _Loop:
@@ -461,6 +531,7 @@ class Router:
         result: Result | None = None
         error: BaseException | None = None
         held_open: list[tuple[float, Target, dict[str, Any]]] = []
+        planned_at = 0  # attempts made before the plan in force (a Reroute re-plans): its first one may race
         m.request_started(alias)
         try:
             if hooks:
@@ -496,8 +567,15 @@ class Router:
                     continue
                 if left is not None:
                     m.fallback(alias, left[0], target.provider, left[1])
+                raced = plan.hedge is not None and len(attempts) == planned_at
                 try:
-                    outcome = yield from self._on_target(plan, start, target, kwargs, key, probe, attempts, bool(queue))
+                    if raced:
+                        first = (target, kwargs, key, probe)
+                        outcome = yield from self._race(plan, start, first, queue, attempts, skipped, held_open)
+                    else:
+                        outcome = yield from self._on_target(
+                            plan, start, target, kwargs, key, probe, attempts, bool(queue)
+                        )
                 except Reroute as rr:  # a hook (a budget) moves the call to another alias, once
                     if plan.call.rerouted_to is not None or rr.alias not in plan.snap.config.aliases:
                         raise rr.instead from None
@@ -505,6 +583,7 @@ class Router:
                     plan.call.rerouted_to = rr.alias
                     self._skip_open(alias, skipped, held_open)
                     plan, left = self._replan(plan, rr.alias, skipped), None
+                    planned_at = len(attempts)
                     queue = list(plan.targets)
                     continue
                 if isinstance(outcome, Result):
@@ -514,6 +593,15 @@ class Router:
                     return result
                 failure, last_error = outcome
                 left = (target.provider, failure.outcome)
+                retry = plan.snap.config.defaults.retry
+                if raced and not queue and failure.outcome in TRANSIENT and retry.attempts > 1:
+                    # A lost race with nothing left to fall back to: the first target gets its usual retries.
+                    delay = backoff_delay(1, retry, failure.retry_after, self._jitter())
+                    if delay < start + plan.deadline_s - clock():
+                        if delay > 0:
+                            yield _Sleep(delay)
+                        queue.append((target, kwargs))
+                        left = None
             self._skip_open(alias, skipped, held_open)
             if attempts:
                 raise AllTargetsFailedError(alias, attempts) from last_error
@@ -548,7 +636,7 @@ class Router:
         targets = tuple(
             (t, _request(t, call.messages, merge_params(alias, t, call.params), plan.stream, plan.fmt)) for t in usable
         )
-        return replace(plan, targets=targets, skipped=(), pinned_key=None)
+        return replace(plan, targets=targets, skipped=(), pinned_key=None, hedge=alias.hedge)
 
     def _skip_open(
         self, alias: str, skipped: list[Skip], held_open: list[tuple[float, Target, dict[str, Any]]]
@@ -590,6 +678,7 @@ class Router:
             send = {**kwargs, "timeout": limit}
             if self._hooks:
                 plan.call.key_name = key.name if key is not None else None
+                plan.call.hedge = False
                 hook = partial(self._hooks.before_attempt, plan.call, target, send)
                 _raised((yield _Run(hook, self._hooks.blocking)))
             if key is not None:
@@ -693,6 +782,8 @@ class Router:
         m, alias, clock = self.metrics, plan.alias, self._clock
         p, model = target.provider, target.model
         m.first_token(alias, p, model, clock() - t0)
+        if plan.hedge is not None:
+            self._latencies.add(target.key, True, clock() - t0)
         try:
             yield _Stream(state)  # the caller reads the stream; we are resumed when it ends or breaks
         except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
@@ -735,6 +826,229 @@ class Router:
         log.warning("%s: stream from %s broke off after %d characters: %s", alias, target.key, len(state.text), error)
         raise StreamInterruptedError(alias, attempts, state.text, usage, cost) from state.error
 
+    # -- hedged requests -------------------------------------------------------------------------------------
+
+    def _race(
+        self,
+        plan: _Plan,
+        start: float,
+        first: tuple[Target, dict[str, Any], ApiKey | None, bool],
+        queue: list[tuple[Target, dict[str, Any]]],
+        attempts: list[Attempt],
+        skipped: list[Skip],
+        held_open: list[tuple[float, Target, dict[str, Any]]],
+    ) -> Generator[_Step, Any, Result | tuple[_litellm.Failure, BaseException]]:
+        """A hedged first attempt: the first target, and while no answer has come, the next ones, `after` apart.
+
+        The first success wins and the rest are cancelled and closed. A failure leaves the others racing; when
+        every raced request has failed, the call falls back to the targets not raced, the usual way.
+        """
+        assert plan.hedge is not None
+        cfg, m, alias, clock = plan.hedge, self.metrics, plan.alias, self._clock
+        fallback_on = plan.snap.config.defaults.fallback_on
+        deadline = start + plan.deadline_s
+        seen = (
+            self._latencies.percentile(first[0].key, plan.stream, cfg.after_percentile)
+            if cfg.after_percentile is not None
+            else None
+        )
+        delay = hedge.hedge_delay(cfg.after_s, cfg.after_percentile, seen)
+        racing: dict[int, _Racing] = {}
+        last: tuple[_litellm.Failure, BaseException] | None = None
+        extra = 0
+        try:
+            handle, entry = yield from self._launch(plan, deadline, *first, False)
+            racing[handle] = entry
+            next_at = None if delay is None else clock() + delay
+            while racing:
+                now = clock()
+                if now >= deadline:
+                    yield from self._cancel_race(plan, racing, attempts, "timeout")
+                    raise DeadlineExceededError(alias, attempts, plan.deadline_s)
+                hedging = next_at is not None and extra < cfg.max_extra
+                if hedging and next_at is not None and now >= next_at:
+                    nxt = self._hedge_target(plan, queue, skipped, held_open, first)
+                    if nxt is None:
+                        next_at = None
+                        continue
+                    try:
+                        handle, entry = yield from self._launch(plan, deadline, *nxt, True)
+                    except RouterError:  # a hook refused the hedge: the race is off
+                        yield from self._cancel_race(plan, racing, attempts)
+                        raise
+                    racing[handle] = entry
+                    extra += 1
+                    next_at = now + (delay or 0.0)
+                    continue
+                wait = deadline - now
+                if hedging and next_at is not None:
+                    wait = min(wait, next_at - now)
+                event = yield _Wait(wait)
+                if event is None:
+                    continue
+                handle, reply = event
+                entry = racing.pop(handle)
+                took = clock() - entry.t0
+                target = entry.target
+                if isinstance(reply, _litellm.StreamState):
+                    yield from self._cancel_race(plan, racing, attempts)
+                    if entry.hedge:
+                        m.hedge_won(alias, target.provider, target.model)
+                    return (
+                        yield from self._streamed(
+                            plan, start, target, entry.send, reply, entry.t0, entry.probe, attempts, entry.key
+                        )
+                    )
+                answer, parsed = None, None
+                if not isinstance(reply, BaseException):
+                    try:
+                        answer = _litellm.read_response(reply)
+                        if plan.fmt is not None:
+                            parsed = structured.parse(answer.text, plan.fmt)
+                    except _litellm.InvalidResponse as exc:
+                        answer, reply = None, exc
+                if answer is not None:
+                    also = yield from self._cancel_race(plan, racing, attempts)
+                    cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
+                    billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
+                    self._attempted(
+                        plan, target, "success", took, entry.key, attempts, billed=billed, answered=answered
+                    )
+                    self._record_health(target, False, entry.probe)
+                    if entry.hedge:
+                        m.hedge_won(alias, target.provider, target.model)
+                    return Result(
+                        text=answer.text,
+                        alias=alias,
+                        provider=target.provider,
+                        model=target.model,
+                        usage=answer.usage,
+                        cost_usd=cost + also,
+                        cost_source=source,
+                        latency_s=clock() - start,
+                        attempts=tuple(attempts),
+                        finish_reason=answer.finish_reason,
+                        parsed=parsed,
+                        raw=reply,
+                    )
+                scrub(reply, plan.snap.secrets)
+                failure = _litellm.classify_error(reply)
+                error = redact(failure.message, plan.snap.secrets)
+                stop = failure.outcome not in fallback_on
+                if stop:  # the rest are cancelled first, so the call's outcome is this failure's
+                    yield from self._cancel_race(plan, racing, attempts)
+                self._attempted(plan, target, failure.outcome, took, entry.key, attempts, error, failure.status_code)
+                self._record_health(target, _health_signal(failure.outcome), entry.probe)
+                log.warning("%s: %s failed (%s) in a hedged race", alias, target.key, failure.outcome)
+                if stop:
+                    raise ProviderError(alias, attempts) from reply
+                last = (failure, reply)
+        except GeneratorExit:  # the caller went away mid-race: every request still counts
+            for entry in racing.values():
+                self._attempted(plan, entry.target, "cancelled", clock() - entry.t0, entry.key, attempts)
+            raise
+        assert last is not None
+        return last
+
+    def _launch(
+        self,
+        plan: _Plan,
+        deadline: float,
+        target: Target,
+        kwargs: dict[str, Any],
+        key: ApiKey | None,
+        probe: bool,
+        is_hedge: bool,
+    ) -> Generator[_Step, Any, tuple[int, _Racing]]:
+        """Start one raced request: its handle and what the race keeps of it."""
+        remaining = deadline - self._clock()
+        limit = min(target.timeout_s, remaining)
+        limits = None
+        if plan.stream:  # as in _on_target: wall-clock bounds that keep-alives and empty deltas do not reset
+            first = min(target.first_token_timeout_s or target.timeout_s, remaining)
+            idle = target.stream_idle_timeout_s or target.timeout_s
+            limits = _litellm.StreamLimits(first, idle, remaining)
+        send = {**kwargs, "timeout": limit}
+        if self._hooks:
+            plan.call.key_name = key.name if key is not None else None
+            plan.call.hedge = is_hedge
+            _raised((yield _Run(partial(self._hooks.before_attempt, plan.call, target, send), self._hooks.blocking)))
+        if key is not None:
+            send["api_key"] = key.secret.get_secret_value()
+            self.metrics.key_used(target.provider, key.name)
+        if is_hedge:
+            self.metrics.hedged(plan.alias, target.provider, target.model)
+            log.info("%s: no answer yet, hedging on %s", plan.alias, target.key)
+        handle = yield _Launch(send, plan.stream, limits)
+        return handle, _Racing(target, send, key, probe, self._clock(), is_hedge)
+
+    def _hedge_target(
+        self,
+        plan: _Plan,
+        queue: list[tuple[Target, dict[str, Any]]],
+        skipped: list[Skip],
+        held_open: list[tuple[float, Target, dict[str, Any]]],
+        first: tuple[Target, dict[str, Any], ApiKey | None, bool],
+    ) -> tuple[Target, dict[str, Any], ApiKey | None, bool] | None:
+        """The next target to hedge on: the next one admitted with a key, else the first again (not a probe)."""
+        while queue:
+            target, kwargs = queue.pop(0)
+            admission = self._circuits.admit(target.key, target.circuit, self._clock())
+            if admission.transition:
+                self._circuit_changed(target, admission.transition)
+            if not admission.allowed:
+                held_open.append((admission.open_until, target, kwargs))
+                continue
+            key = self._pick_key(target, plan.pinned_key, set())
+            if target.keys and key is None:
+                self._skip(plan.alias, skipped, Skip(target.provider, target.model, "keys_benched"))
+                continue
+            return target, kwargs, key, admission.probe
+        target, kwargs, _, probe = first
+        key = self._pick_key(target, plan.pinned_key, set())
+        if probe or (target.keys and key is None):
+            return None
+        return target, kwargs, key, False
+
+    def _cancel_race(
+        self, plan: _Plan, racing: dict[int, _Racing], attempts: list[Attempt], cut: str = "cancelled"
+    ) -> Generator[_Step, Any, float]:
+        """Cancel and close the requests still racing; count each (`cut`: the outcome of one cut off), and bill
+        any that answered meanwhile."""
+        if not racing:
+            return 0.0
+        also = 0.0
+        done = yield _Cancel(tuple(racing))
+        for handle, reply in done:
+            e = racing.pop(handle)
+            took = self._clock() - e.t0
+            outcome, error, status, billed = cut, None, None, None
+            answered: tuple[str | None, str | None] = (None, None)
+            if reply is not None and not isinstance(reply, (BaseException, _litellm.StreamState)):
+                try:
+                    answer = _litellm.read_response(reply)
+                except _litellm.InvalidResponse as exc:  # a content_filter answer among them: a failure
+                    reply = exc
+                else:  # it answered too: the provider bills it
+                    outcome, answered = "success", (answer.model, answer.finish_reason)
+                    billed = (answer.usage, *self._bill(plan.alias, e.target, answer.usage, answer.provider_cost))
+            if isinstance(reply, _litellm.StreamState):  # it had sent text: what came is billed
+                usage = reply.reported_usage or _litellm.count_tokens(e.target, e.send["messages"], reply.text)
+                billed = (usage, *self._bill(plan.alias, e.target, usage, reply.provider_cost))
+                answered = (reply.model, reply.finish_reason)
+            elif isinstance(reply, BaseException) and not isinstance(reply, asyncio.CancelledError):
+                scrub(reply, plan.snap.secrets)
+                failure = _litellm.classify_error(reply)
+                outcome, status = failure.outcome, failure.status_code
+                error = redact(failure.message, plan.snap.secrets)
+            if billed is not None:
+                also += billed[1]
+            if outcome == cut:  # at least this slow: keeps the tail in the percentile
+                self._latencies.add(e.target.key, plan.stream, took)
+            self._attempted(plan, e.target, outcome, took, e.key, attempts, error, status, billed, answered)
+        racing.clear()
+        return also
+
     def _attempted(
         self,
         plan: _Plan,
@@ -751,6 +1065,8 @@ class Router:
         """One request ended: count it, add it to the call's attempts, tell the hooks (`answered`: the response's
         model and finish reason)."""
         self.metrics.attempt(plan.alias, target.provider, target.model, outcome, took)
+        if plan.hedge is not None and outcome == "success" and not plan.stream:
+            self._latencies.add(target.key, False, took)
         attempt = Attempt(target.provider, target.model, outcome, took, error, status_code)
         if attempts is not None:
             attempts.append(attempt)
@@ -888,11 +1204,36 @@ def _stat(path: Path) -> tuple[int, int, int]:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+class _Ended:
+    """The exhausted source of a replayed stream, for both `Stream` and `AsyncStream`."""
+
+    received_finish_reason = "stop"
+
+    def __next__(self) -> Any:
+        raise StopIteration
+
+    async def __anext__(self) -> Any:
+        raise StopAsyncIteration
+
+
+def _pieces(text: str, size: int = 24) -> list[str]:
+    """`text` in deltas of about `size` characters, cut after spaces, that join back to it."""
+    out: list[str] = []
+    while len(text) > size:
+        cut = text.rfind(" ", 0, size) + 1 or size
+        out.append(text[:cut])
+        text = text[cut:]
+    if text:
+        out.append(text)
+    return out
+
+
 class _StreamBase:
     """What `Stream` and `AsyncStream` share: the text already read, and handing the end back to the loop."""
 
-    def __init__(self, loop: _Loop, state: _litellm.StreamState) -> None:
+    def __init__(self, loop: _Loop | None, state: _litellm.StreamState) -> None:
         self._loop = loop
+        self._answer: Result | None = None
         self._state = state
         self._pending = list(state.parts)  # the text read while deciding this target would do
         self._done = False
@@ -903,10 +1244,23 @@ class _StreamBase:
         """The text received so far."""
         return self._state.text
 
+    @classmethod
+    def replay(cls, result: Result) -> Any:
+        """A stream of an answer already made (a cache hit): its text in pieces, `.result` set at the end."""
+        state = _litellm.StreamState(_Ended())
+        state.parts = _pieces(result.text)
+        state.finish_reason = result.finish_reason
+        stream = cls(None, state)
+        stream._answer = result
+        return stream
+
     def _finish(self, error: BaseException | None) -> None:
         # The loop accounts for the stream: it returns the Result, or raises StreamInterruptedError.
         self._done = True
         self._state.error = error
+        if self._loop is None:  # a replay: the call is already accounted for
+            self.result = self._answer
+            return
         try:
             self._loop.send(self._state)
         except StopIteration as done:
@@ -950,7 +1304,8 @@ class Stream(_StreamBase):
         """Stop reading; the attempt and the call are counted as cancelled."""
         if self._abandon():
             self._state.close()
-            self._loop.close()
+            if self._loop is not None:
+                self._loop.close()
 
     def __enter__(self) -> Stream:
         return self
@@ -986,7 +1341,8 @@ class AsyncStream(_StreamBase):
         """Stop reading; the attempt and the call are counted as cancelled."""
         if self._abandon():
             await self._state.aclose()
-            self._loop.close()
+            if self._loop is not None:
+                self._loop.close()
 
     async def __aenter__(self) -> AsyncStream:
         return self

@@ -243,6 +243,8 @@ class AliasConfig(_Model):
     )
     params: dict[str, Any] = Field(default_factory=dict, description="litellm params, e.g. temperature, max_tokens.")
     system: str | None = Field(None, description="System prompt prepended when the messages carry none.")
+    cache: AliasCacheConfig | None = Field(None, description="Answer repeated requests from the response cache.")
+    hedge: HedgeConfig | None = Field(None, description="Send the next target the same request when one is slow.")
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -307,6 +309,56 @@ class MetricsConfig(_Model):
             raise ValueError("must be a non-empty list of increasing numbers")
         return v
 
+
+# -- response cache and hedged requests --
+
+
+class AliasCacheConfig(_Model):
+    """An alias's answers are cached: `cache: {ttl_s: 3600}`."""
+
+    ttl_s: PositiveFloat = Field(description="How long a cached answer is served, in seconds.")
+
+
+class CacheConfig(_Model):
+    """Where cached answers live: in this process (`memory`), in a SQLite file shared by a host's workers
+    (`file`), or in the Redis of `state:` (`redis`), shared by a fleet."""
+
+    store: Literal["memory", "file", "redis"] = Field(
+        "memory", description="memory: this process; file: a SQLite file; redis: state.url (state.backend redis)."
+    )
+    path: str | None = Field(None, description="store: file: the SQLite file (created if missing).")
+    max_entries: PositiveInt = Field(
+        10_000, description="Most answers kept; the least recently used go first (redis: its maxmemory-policy)."
+    )
+    max_bytes: PositiveInt = Field(
+        64 * 1024 * 1024, description="Most bytes of answers kept (redis: a bigger answer is not stored)."
+    )
+
+    @model_validator(mode="after")
+    def _file_has_path(self) -> CacheConfig:
+        if self.store == "file" and not self.path:
+            raise ValueError("store: file needs a path (e.g. /var/cache/llm-router/cache.sqlite)")
+        if self.store != "file" and self.path is not None:
+            raise ValueError("path is only for store: file")
+        return self
+
+
+class HedgeConfig(_Model):
+    """Hedged requests: when the first request has not answered after a delay, the next target gets it too."""
+
+    after_s: PositiveFloat | None = Field(
+        None, description="Delay before a hedge; with after_percentile, the delay until enough latencies are known."
+    )
+    after_percentile: float | None = Field(
+        None, ge=50, lt=100, description="Hedge after this percentile of the target's recent latencies (e.g. 95)."
+    )
+    max_extra: PositiveInt = Field(1, description="Most extra requests per call.")
+
+    @model_validator(mode="after")
+    def _one_delay(self) -> HedgeConfig:
+        if self.after_s is None and self.after_percentile is None:
+            raise ValueError("give after_s or after_percentile (or both: after_s until enough latencies are known)")
+        return self
 
 # -- tracing --
 
@@ -433,6 +485,14 @@ def _check_budgets(cfg: RouterConfig, src: _Source) -> None:
         src.problem(("budgets",), "budgets keep their spend in the ledger's database: add a ledger: section")
 
 
+def _check_cache(cfg: RouterConfig, src: _Source) -> None:
+    if cfg.cache is not None and cfg.cache.store == "redis" and cfg.state.backend != "redis":
+        src.problem(
+            ("cache", "store"),
+            'store: redis uses the Redis of the state: section: add state: {backend: redis, url: "${REDIS_URL}"}',
+        )
+
+
 class RouterConfig(_Model):
     """The whole config file."""
 
@@ -442,6 +502,7 @@ class RouterConfig(_Model):
     aliases: dict[str, AliasConfig] = Field(min_length=1)
     pricing: dict[str, PricingConfig] = Field(default_factory=dict)
     metrics: MetricsConfig = MetricsConfig()
+    cache: CacheConfig | None = Field(None, description="The response cache's store (default: in this process).")
     tracing: TracingConfig | None = Field(None, description="OpenTelemetry traces (absent: none).")
     state: StateConfig = StateConfig()
     ledger: LedgerConfig | None = Field(None, description="Record every call (SQLite file or PostgreSQL).")
@@ -971,6 +1032,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
             src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
     cfg._tiers = tiers
     _check_budgets(cfg, src)
+    _check_cache(cfg, src)
 
 
 def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:

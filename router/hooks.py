@@ -4,13 +4,16 @@ Every concern beyond routing itself (ledger, budgets, cache, tracing, ...) plugs
 in `client.py` stays the one place that decides and `Router` stays small. A call's life, as hooks see it::
 
     call_started(call)                      once, before any request. May return a `Result` to answer the
-                                            call without a request (a cache hit), or raise a `RouterError`
+                                            call without a request (a cache hit; a stream call then gets
+                                            a `Stream` replaying its text), or raise a `RouterError`
                                             to refuse it (a budget). Runs off the event loop when the hook
                                             is `blocking`.
     before_attempt(call, target, request)   before each request (retries and fallbacks included). May raise
                                             a `RouterError` to stop the call, or `Reroute(alias, instead)`
                                             to re-plan it, once, on another alias (a cheaper model).
-                                            `call.key_name` is the key it will use. `blocking` as above.
+                                            `call.key_name` is the key it will use; `call.hedge` says
+                                            it races requests of the call still in flight (their
+                                            attempt_finished comes later). `blocking` as above.
     attempt_finished(call, report)          after each request, however it ended (`AttemptReport`).
     call_finished(call, result, error)      once, when the call ends: answered, raised or cancelled
                                             (`call.outcome` says which).
@@ -36,6 +39,7 @@ from .errors import RouterError
 if TYPE_CHECKING:
     from .config import RouterConfig, Target
     from .metrics import RouterMetrics
+    from .structured import Format
     from .types import Attempt, CostSource, Result, Usage
 
 log = logging.getLogger("router")
@@ -78,7 +82,13 @@ class Call:
     started_at: float  # unix time
     outcome: str = "cancelled"  # set before call_finished: success or the final error outcome
     data: dict[str, Any] = field(default_factory=dict)
+    config: RouterConfig | None = None  # the config the call runs on (a reload does not change it mid-call)
+    # The usable targets in try order, each with the litellm kwargs it would be sent (no key).
+    requests: tuple[tuple[Target, Mapping[str, Any]], ...] = ()
+    response_format: Format | None = None  # generate(response_format=...), as the router checks answers
+    cache: bool = True  # False: generate(cache=False), the caller wants no answer from a cache
     key_name: str | None = None  # the key of the request about to go out (before_attempt), never the secret
+    hedge: bool = False  # before_attempt: this request is a hedge, racing the call's requests still in flight
     rerouted_to: str | None = None  # the alias a Reroute moved the call to
 
     @classmethod
@@ -89,9 +99,10 @@ class Call:
         params: Mapping[str, Any],
         tags: Mapping[str, str],
         stream: bool,
+        **more: Any,
     ) -> Call:
-        """A call starting now, with a fresh random id."""
-        return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time())
+        """A call starting now, with a fresh random id (`more`: the optional fields)."""
+        return cls(uuid.uuid4().hex, alias, messages, params, tags, stream, time.time(), **more)
 
 
 class Reroute(RouterError):
@@ -213,6 +224,12 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
             )
         else:
             hooks.append(TracingHook(tracing))
+    # The cache before budgets and the ledger: a hit answers in call_started, so budgets reserve nothing for it
+    # and the ledger still sees the call finish.
+    if config.cache is not None or any(a.cache is not None for a in config.aliases.values()):
+        from .cache import CacheHook
+
+        hooks.append(CacheHook(config.cache, metrics, state=config.state))
     if config.ledger is not None:
         from .store import open_store
 

@@ -164,6 +164,25 @@ class RouterMetrics:
             **kw,
         )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
+        self.cache_hits = Counter("cache_hits_total", "Calls answered from the response cache.", ["alias"], **kw)
+        self.cache_misses = Counter(
+            "cache_misses_total", "Calls the response cache could not answer (sent to a provider).", ["alias"], **kw
+        )
+        self.cost_saved = Counter(
+            "cost_saved_usd_total",
+            "USD the cached answers cost when first bought, saved by serving them again.",
+            ["alias", "provider", "model"],
+            **kw,
+        )
+        self.hedges = Counter(
+            "hedges_total",
+            "Extra (hedged) requests sent because a request was slow.",
+            ["alias", "provider", "model"],
+            **kw,
+        )
+        self.hedge_wins = Counter(
+            "hedge_wins_total", "Hedged requests that answered first.", ["alias", "provider", "model"], **kw
+        )
         self.worker_processes = Gauge(
             "worker_processes",
             "Live processes recording these metrics (more than you run: exited workers are not marked dead).",
@@ -264,11 +283,28 @@ class RouterMetrics:
         if transition:
             self.circuit_transitions.labels(provider, model, state).inc()
 
+    def cache_lookup(self, alias: str, hit: bool) -> None:
+        """The response cache answered a call (`hit`) or did not."""
+        (self.cache_hits if hit else self.cache_misses).labels(alias).inc()
+
+    def cache_saved(self, alias: str, provider: str, model: str, cost_usd: float) -> None:
+        """A cached answer served again saved what it cost when first bought."""
+        self.cost_saved.labels(alias, provider, model).inc(cost_usd)
+
+    def hedged(self, alias: str, provider: str, model: str) -> None:
+        """An extra request went to this target because the call's earlier request was slow."""
+        self.hedges.labels(alias, provider, model).inc()
+
+    def hedge_won(self, alias: str, provider: str, model: str) -> None:
+        """A hedged request answered first."""
+        self.hedge_wins.labels(alias, provider, model).inc()
+
     def state_store(self, backend: str, up: bool, failed: bool) -> None:
         """The shared state store answered (`up`) or not; `failed`: count one failed exchange."""
         self.state_store_up.labels(backend).set(1 if up else 0)
         if failed:
             self.state_store_errors.labels(backend).inc()
+
     def budget_rejected(self, budget: str, reason: str) -> None:
         """A budget refused (or rerouted) a request before it was sent."""
         self.budget_rejections.labels(budget, reason).inc()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -70,7 +70,8 @@ class _State:
     """One call's spans and what the next attempt needs to know of the last."""
 
     call_span: Span
-    attempt_span: Span | None = None
+    # Attempt spans not yet reported finished, by (target, key name): a hedged race has several at once.
+    open: dict[tuple[str, str | None], list[Span]] = field(default_factory=dict)
     target: Target | None = None  # of the attempt under way, then of the last one
     last_outcome: str | None = None
     attempts: int = 0
@@ -95,8 +96,8 @@ class TracingHook(Hook):
     def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
         """Open an attempt's span under the call's."""
         st = self._state(call)
-        if st.attempt_span is not None:  # not reported as finished: should not happen, but never leak a span
-            st.attempt_span.end()
+        if not call.hedge:  # no request of the call is in flight: one left open was stopped by a later hook
+            self._not_sent(st)
         attrs: dict[str, Any] = {
             "gen_ai.operation.name": OPERATION,
             "gen_ai.provider.name": provider_name(target.kind),
@@ -110,7 +111,9 @@ class TracingHook(Hook):
             value = request.get(param)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 attrs[name] = value
-        if st.target is not None and st.last_outcome is not None:
+        if call.hedge:
+            attrs["llm_router.hedge"] = True
+        elif st.target is not None and st.last_outcome is not None:
             if st.target.key == target.key:
                 attrs["llm_router.retry"] = True
             else:
@@ -123,16 +126,28 @@ class TracingHook(Hook):
         st.target = target
         st.last_outcome = None
         ctx = trace.set_span_in_context(st.call_span)
-        st.attempt_span = self.tracer.start_span(
-            f"{OPERATION} {target.model}", context=ctx, kind=SpanKind.CLIENT, attributes=attrs
-        )
+        name = f"{OPERATION} {target.model}"
+        span = self.tracer.start_span(name, context=ctx, kind=SpanKind.CLIENT, attributes=attrs)
+        st.open.setdefault((target.key, call.key_name), []).append(span)
+
+    @staticmethod
+    def _not_sent(st: _State) -> None:
+        """End the attempt spans still open: another hook's before_attempt stopped them, no request went out."""
+        for left in st.open.values():
+            for span in left:
+                span.set_attribute("llm_router.outcome", "not_sent")
+                span.end()
+        st.open.clear()
 
     def attempt_finished(self, call: Call, report: AttemptReport) -> None:
         """Close the attempt's span with how it ended."""
         st = call.data.get(_KEY)
-        if not isinstance(st, _State) or st.attempt_span is None:
+        if not isinstance(st, _State):
             return
-        span, st.attempt_span = st.attempt_span, None
+        spans = st.open.get((report.target.key, report.key_name))
+        if not spans:
+            return
+        span = spans.pop(0)
         a = report.attempt
         st.last_outcome = a.outcome
         span.set_attribute("llm_router.outcome", a.outcome)
@@ -163,9 +178,7 @@ class TracingHook(Hook):
         st = call.data.pop(_KEY, None)
         if not isinstance(st, _State):  # an earlier hook answered or refused the call before ours saw it start
             st = _State(self._call_span(call, int(call.started_at * 1e9)))
-        if st.attempt_span is not None:  # stopped by another hook's before_attempt: no request went out
-            st.attempt_span.set_attribute("llm_router.outcome", "not_sent")
-            st.attempt_span.end()
+        self._not_sent(st)
         span = st.call_span
         span.set_attribute("llm_router.outcome", call.outcome)
         if result is not None:

@@ -22,7 +22,7 @@ FailureOutcome = Literal[
 Outcome = Literal["success"] | FailureOutcome
 FAILURE_OUTCOMES: tuple[str, ...] = FailureOutcome.__args__  # type: ignore[attr-defined]
 
-CostSource = Literal["config", "provider", "litellm", "unknown"]
+CostSource = Literal["config", "provider", "litellm", "unknown", "cache"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class Result:
     skipped: tuple[Skip, ...] = ()
     finish_reason: str | None = None
     parsed: Any = None  # with response_format=: the validated pydantic model (or dict for a JSON Schema)
+    cached: bool = False  # answered from the response cache: no request, cost_usd 0, cost_source "cache"
     raw: Any = field(default=None, repr=False, compare=False)
 
     @property

@@ -395,3 +395,36 @@ async def test_async_streams_reserve_and_settle_too(make_router: MakeRouter, up:
         await r.agenerate("hi", stream=True, max_tokens=100)
     assert len(up.requests("a")) == 2
     r.close()
+
+
+# -- hedged races: several requests of one call in flight at once --------------------------------------------
+
+
+def holds_left(store: Store) -> int:
+    try:
+        with store.transaction() as cur:
+            row = cur.execute("SELECT COUNT(*) FROM llm_budget_holds").fetchone()
+    finally:
+        store.close()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_each_raced_request_holds_and_settles_its_own_cost(
+    make_router: MakeRouter, up: Upstream, db: Path, mode: str
+) -> None:
+    text = standard_config(
+        aliases="hedged: {targets: [a/model-a, b/model-b], hedge: {after_s: 0.2}}",
+        extra=extra(db, "{name: all, period: day, limit_usd: 10}"),
+    )
+    r = make_router(text)
+    up.enqueue("a", Reply(text="slow a", usage=(5, 100), delay_s=3.0))
+    up.enqueue("b", Reply(text="quick b", usage=(5, 10)))  # $0.01, though $0.10 is held for each request
+    res = r.generate("hi", model="hedged", max_tokens=100) if mode == "sync" else asyncio.run(
+        r.agenerate("hi", model="hedged", max_tokens=100)
+    )
+    assert res.provider == "b" and sorted(a.outcome for a in res.attempts) == ["cancelled", "success"]
+    r.close()
+    assert budget_spent(SqliteStore(db)) == round(res.cost_usd * 1e9) == 10 * 1000 * 1000  # b's, not 0, not a hold
+    assert holds_left(SqliteStore(db)) == 0

@@ -429,3 +429,24 @@ def test_tracing_without_the_extra_warns_and_answers(tmp_path: Path) -> None:
     # `llm-router validate` says so, and so does the Router when it starts
     notes = [line for line in out.stderr.splitlines() if "pip install 'llm-router[otel]'" in line]
     assert len(notes) == 2 and notes[0].startswith("t.yaml: note: tracing is on"), out.stderr
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_hedged_race_has_a_span_per_request(
+    make_router: MakeRouter, up: Upstream, spans: InMemorySpanExporter, mode: str
+) -> None:
+    aliases = "hedged: {targets: [a/model-a, b/model-b], hedge: {after_s: 0.2}}"
+    r = make_router(standard_config(aliases=aliases, extra=TRACED + PRICED))
+    up.enqueue("a", Reply(text="slow a", delay_s=3.0))
+    up.enqueue("b", Reply(text="quick b", usage=(3, 4)))
+    res = r.generate("hi", model="hedged") if mode == "sync" else asyncio.run(r.agenerate("hi", model="hedged"))
+    assert res.provider == "b"
+    first, hedge = (attrs(s) for s in attempt_spans(spans))
+    assert (first["llm_router.provider"], first["llm_router.outcome"]) == ("a", "cancelled")
+    assert "llm_router.hedge" not in first and "error.type" not in first
+    assert (hedge["llm_router.provider"], hedge["llm_router.outcome"]) == ("b", "success")
+    assert hedge["llm_router.hedge"] is True
+    assert hedge["gen_ai.response.finish_reasons"] == ("stop",) and hedge["gen_ai.usage.output_tokens"] == 4
+    assert "llm_router.fallback_reason" not in hedge
+    call = attrs(call_span(spans))
+    assert (call["llm_router.outcome"], call["llm_router.attempts"]) == ("success", 2)
