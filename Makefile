@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.state
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.tracing
+	$(BIN)/python -m bench.hedge
 
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[bench]'
@@ -38,6 +39,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m bench.state --quick
 	$(BIN)/python -m bench.ledger --quick
 	$(BIN)/python -m bench.tracing --rounds 3 --calls 100
+	$(BIN)/python -m bench.hedge --calls 200 --rounds 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
