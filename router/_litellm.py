@@ -410,6 +410,37 @@ class _Pump:
         _close_sync(self.stream)
 
 
+# A stream dropped unread is closed by this thread, never by the garbage collector's: the collector may run in
+# a thread that holds httpx's connection-pool lock (mid-request), and closing a response takes that same lock,
+# so closing it there deadlocks the thread. SimpleQueue.put is safe to call from a finalizer.
+_closing: queue.SimpleQueue[Any] = queue.SimpleQueue()
+_closer_lock = threading.Lock()
+_closer_pid: int | None = None
+
+
+def _start_closer() -> None:
+    """Start (once per process: a fork leaves the thread behind) the thread that closes abandoned streams."""
+    global _closer_pid
+    if _closer_pid == os.getpid():
+        return
+    with _closer_lock:
+        if _closer_pid != os.getpid():
+            threading.Thread(target=_close_forever, name="llm-router-stream-closer", daemon=True).start()
+            _closer_pid = os.getpid()
+
+
+def _close_forever() -> None:
+    while True:
+        _close_sync(_closing.get())
+
+
+def _abandoned(pump: _Pump) -> None:
+    """Finalizer of a dropped stream: tell its pump to stop and leave the closing to the closer thread."""
+    pump.stopped = True
+    if pump.stream is not None:
+        _closing.put(pump.stream)
+
+
 def _close_sync(stream: Any) -> None:
     inner = getattr(stream, "completion_stream", None)
     close = getattr(inner, "close", None)
@@ -606,10 +637,11 @@ def open_stream(kwargs: dict[str, Any], limits: StreamLimits | None = None) -> S
                 return state
         raise _no_text(state)
     started = time.monotonic()
+    _start_closer()
     pump = _Pump(kwargs)
     state = StreamState(None, limits, started)
     state._pump = pump
-    weakref.finalize(state, pump.stop)  # a stream dropped unread is closed when collected, as before
+    weakref.finalize(state, _abandoned, pump)  # a stream dropped unread is closed, off the collecting thread
     if not pump.opened.wait(max(state._wait(), 0.0)):
         pump.stop()
         raise state._timed_out()

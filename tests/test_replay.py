@@ -549,6 +549,35 @@ def _readers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "llm-router-stream" and t.is_alive()]
 
 
+def test_a_dropped_sync_stream_is_never_closed_by_the_collecting_thread(
+    r: Router, up: Upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The garbage collector may run inside a request, in a thread holding httpx's pool lock; closing a response
+    # takes that lock, so a close from the collector deadlocked the next call (seen in CI).
+    from router import _litellm
+
+    closed_in: list[str] = []
+    real = _litellm._close_sync
+
+    def spy(stream: Any) -> None:
+        closed_in.append(threading.current_thread().name)
+        real(stream)
+
+    monkeypatch.setattr(_litellm, "_close_sync", spy)
+    up.enqueue("oa", recorded("openai", "stream.sse").reply(0.3))
+    stream = r.generate("hello", model="plain_openai", stream=True)
+    assert next(stream) == "A"
+    del stream
+    gc.collect()
+    deadline = time.monotonic() + 2.0
+    while not closed_in and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert closed_in, "the dropped stream was never closed"
+    assert threading.current_thread().name not in closed_in
+    up.enqueue("oa", Reply(text="after"))
+    assert r.generate("again", model="plain_openai").text == "after"
+
+
 def test_stream_idle_timeout_is_configured_per_default_and_per_target() -> None:
     text = """
 version: 1
