@@ -694,33 +694,9 @@ class Router:
             if isinstance(reply, _litellm.StreamState):
                 return (yield from self._streamed(plan, start, target, send, reply, t0, probe, attempts, key))
             took = clock() - t0
-            answer, parsed = None, None
-            if not isinstance(reply, BaseException):
-                try:
-                    answer = _litellm.read_response(reply)
-                    if plan.fmt is not None:
-                        parsed = structured.parse(answer.text, plan.fmt)
-                except _litellm.InvalidResponse as exc:
-                    answer, reply = None, exc
+            answer, parsed, reply = _read(reply, plan.fmt)
             if answer is not None:
-                cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
-                billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
-                self._attempted(plan, target, "success", took, key, attempts, billed=billed, answered=answered)
-                self._record_health(target, False, probe)
-                return Result(
-                    text=answer.text,
-                    alias=alias,
-                    provider=target.provider,
-                    model=target.model,
-                    usage=answer.usage,
-                    cost_usd=cost,
-                    cost_source=source,
-                    latency_s=clock() - start,
-                    attempts=tuple(attempts),
-                    finish_reason=answer.finish_reason,
-                    parsed=parsed,
-                    raw=reply,
-                )
+                return self._succeeded(plan, start, target, took, key, probe, attempts, answer, parsed, reply)
             scrub(reply, plan.snap.secrets)
             failure = _litellm.classify_error(reply)
             error = redact(failure.message, plan.snap.secrets)
@@ -899,37 +875,13 @@ class Router:
                             plan, start, target, entry.send, reply, entry.t0, entry.probe, attempts, entry.key
                         )
                     )
-                answer, parsed = None, None
-                if not isinstance(reply, BaseException):
-                    try:
-                        answer = _litellm.read_response(reply)
-                        if plan.fmt is not None:
-                            parsed = structured.parse(answer.text, plan.fmt)
-                    except _litellm.InvalidResponse as exc:
-                        answer, reply = None, exc
+                answer, parsed, reply = _read(reply, plan.fmt)
                 if answer is not None:
                     also = yield from self._cancel_race(plan, racing, attempts)
-                    cost, source = self._bill(alias, target, answer.usage, answer.provider_cost)
-                    billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
-                    self._attempted(
-                        plan, target, "success", took, entry.key, attempts, billed=billed, answered=answered
-                    )
-                    self._record_health(target, False, entry.probe)
                     if entry.hedge:
                         m.hedge_won(alias, target.provider, target.model)
-                    return Result(
-                        text=answer.text,
-                        alias=alias,
-                        provider=target.provider,
-                        model=target.model,
-                        usage=answer.usage,
-                        cost_usd=cost + also,
-                        cost_source=source,
-                        latency_s=clock() - start,
-                        attempts=tuple(attempts),
-                        finish_reason=answer.finish_reason,
-                        parsed=parsed,
-                        raw=reply,
+                    return self._succeeded(
+                        plan, start, target, took, entry.key, entry.probe, attempts, answer, parsed, reply, also
                     )
                 scrub(reply, plan.snap.secrets)
                 failure = _litellm.classify_error(reply)
@@ -1049,6 +1001,41 @@ class Router:
         racing.clear()
         return also
 
+    def _succeeded(
+        self,
+        plan: _Plan,
+        start: float,
+        target: Target,
+        took: float,
+        key: ApiKey | None,
+        probe: bool,
+        attempts: list[Attempt],
+        answer: _litellm.Answer,
+        parsed: Any,
+        reply: Any,
+        also_billed: float = 0.0,
+    ) -> Result:
+        """An answered request: bill it, count it, close its breaker, and make the call's Result (`also_billed`:
+        what the other requests of a hedged race cost)."""
+        cost, source = self._bill(plan.alias, target, answer.usage, answer.provider_cost)
+        billed, answered = (answer.usage, cost, source), (answer.model, answer.finish_reason)
+        self._attempted(plan, target, "success", took, key, attempts, billed=billed, answered=answered)
+        self._record_health(target, False, probe)
+        return Result(
+            text=answer.text,
+            alias=plan.alias,
+            provider=target.provider,
+            model=target.model,
+            usage=answer.usage,
+            cost_usd=cost + also_billed,
+            cost_source=source,
+            latency_s=self._clock() - start,
+            attempts=tuple(attempts),
+            finish_reason=answer.finish_reason,
+            parsed=parsed,
+            raw=reply,
+        )
+
     def _attempted(
         self,
         plan: _Plan,
@@ -1111,6 +1098,18 @@ class Router:
             self._warned_skips.add((s.provider, s.reason))
             need = " or ".join(s.env_vars) or "api_key"
             log.warning("provider %r skipped: %s is not set", s.provider, need)
+
+
+def _read(reply: Any, fmt: Format | None) -> tuple[_litellm.Answer | None, Any, Any]:
+    """A reply's answer and parsed value; an unusable one becomes the InvalidResponse it is (answer None)."""
+    if isinstance(reply, BaseException):
+        return None, None, reply
+    try:
+        answer = _litellm.read_response(reply)
+        parsed = structured.parse(answer.text, fmt) if fmt is not None else None
+    except _litellm.InvalidResponse as exc:
+        return None, None, exc
+    return answer, parsed, reply
 
 
 def _run(fn: Callable[[], Any]) -> Any:
