@@ -38,7 +38,7 @@ def _router(text: str) -> Any:
 
 
 def _flush(r: Any) -> None:
-    from router.ledger import ledger_of
+    from router.plugins.ledger import ledger_of
 
     led = ledger_of(r._hooks.hooks)
     if led is not None:

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from prometheus_client import CollectorRegistry
 
 import router
-from router.tracing import TracingHook
+from router.plugins.tracing import TracingHook
 
 from . import clients as cl
 from .run import pin

@@ -5,6 +5,7 @@ res = router.generate("Write a haiku about queues", model="fast")
 print(res.text, res.provider, res.cost_usd)
 """
 
+from ._version import __version__
 from .api import (
     agenerate,
     default_router,
@@ -32,8 +33,6 @@ from .errors import (
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
 from .usage import query_usage
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AllTargetsFailedError",

@@ -42,9 +42,10 @@ from .errors import (
     redact,
     scrub,
 )
-from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore, shared_state
-from .hooks import AttemptReport, Call, Hook, Hooks, Reroute, check_tags, config_hooks
+from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
+from .hooks import AttemptReport, Call, Hook, Hooks, Reroute, check_tags
 from .metrics import RouterMetrics
+from .plugins import config_hooks
 from .policy import (
     TRANSIENT,
     Step,
@@ -56,6 +57,7 @@ from .policy import (
     plan_targets,
     price,
 )
+from .state import shared_state
 from .structured import Format, make_format
 from .types import Attempt, CostSource, Result, Skip, Usage
 
@@ -223,7 +225,11 @@ class Router:
         self._rng = rng or random.Random()
         self._clock = clock
         # config.state: breakers and benched keys shared with other workers and replicas, unless given here
-        self._state = shared_state(config.state, self.metrics, clock) if circuits is None or keys is None else None
+        self._state = (
+            shared_state(config.state, self.metrics, clock)
+            if config.state.backend != "memory" and (circuits is None or keys is None)
+            else None
+        )
         self._circuits: CircuitStore = circuits or (self._state.circuits if self._state else MemoryCircuitStore())
         self._keys: KeyStore = keys or (self._state.keys if self._state else MemoryKeyStore())
         self._hooks = Hooks([*config_hooks(config, self.metrics), *hooks])

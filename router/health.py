@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
-from .config import ApiKey, CircuitConfig, StateConfig
-
-if TYPE_CHECKING:
-    from .metrics import RouterMetrics
-    from .state import SharedState
+from .config import ApiKey, CircuitConfig
 
 CircuitState = Literal["closed", "half_open", "open"]
 STATE_VALUE = {"closed": 0, "half_open": 1, "open": 2}
@@ -195,12 +191,3 @@ class MemoryKeyStore:
         """See `KeyStore.benched_until`."""
         with self._lock:
             return self._benched.get((provider, key), 0.0)
-
-
-def shared_state(cfg: StateConfig, metrics: RouterMetrics | None, clock: Callable[[], float]) -> SharedState | None:
-    """The shared stores a `state:` section asks for; None for `memory` (each process its own, the default)."""
-    if cfg.backend == "memory":
-        return None
-    from .state import shared_state
-
-    return shared_state(cfg, metrics, clock)

@@ -38,7 +38,6 @@ from .errors import RouterError
 
 if TYPE_CHECKING:
     from .config import RouterConfig, Target
-    from .metrics import RouterMetrics
     from .structured import Format
     from .types import Attempt, CostSource, Result, Usage
 
@@ -206,38 +205,3 @@ class Hooks:
         if (id(hook), name) not in self._warned:
             self._warned.add((id(hook), name))
             log.exception("hook %s.%s failed; the call goes on without it", type(hook).__name__, name)
-
-
-def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
-    """The hooks a config's own sections ask for, in the order they run; each concern's module is imported only
-    when its section is present. Hooks passed to `Router(hooks=...)` run after these."""
-    hooks: list[Hook] = []
-    tracing = config.tracing
-    if tracing is not None and tracing.enabled:  # first, so its spans take in the other hooks' work
-        try:
-            from .tracing import TracingHook
-        except ImportError as exc:
-            if not (exc.name or "").startswith("opentelemetry"):
-                raise
-            log.warning(
-                "tracing is on in the config but OpenTelemetry is not installed: pip install 'llm-router[otel]'"
-            )
-        else:
-            hooks.append(TracingHook(tracing))
-    # The cache before budgets and the ledger: a hit answers in call_started, so budgets reserve nothing for it
-    # and the ledger still sees the call finish.
-    if config.cache is not None or any(a.cache is not None for a in config.aliases.values()):
-        from .cache import CacheHook
-
-        hooks.append(CacheHook(config.cache, metrics, state=config.state))
-    if config.ledger is not None:
-        from .store import open_store
-
-        if config.budgets:
-            from .budgets import Budgets
-
-            hooks.append(Budgets(config, metrics, open_store(config.ledger)))
-        from .ledger import Ledger
-
-        hooks.append(Ledger(config.ledger))
-    return hooks

@@ -98,7 +98,7 @@ def query_usage(
     ``query_usage("config.yaml", since="24h", by=["tenant", "provider"])``. `since`/`until`: a duration ago
     (24h, 30m, 7d), an ISO date or datetime (UTC), a unix time or a datetime.
     """
-    from .store import open_store
+    from .plugins.store import open_store
 
     now = time.time()
     start = parse_time(since, now)
@@ -150,7 +150,7 @@ def read_calls(
     until: str | float | datetime | None = None,
 ) -> list[dict[str, Any]]:
     """The ledger's rows of the calls that started in [since, until), oldest first (tags decoded)."""
-    from .store import CALL_COLUMNS, open_store
+    from .plugins.store import CALL_COLUMNS, open_store
 
     now = time.time()
     start = parse_time(since, now)

@@ -18,11 +18,11 @@ from conftest import KEY_A, KEY_B, KEY_C, MakeRouter, standard_config
 from prometheus_client import CollectorRegistry
 
 from router import BudgetExceededError, ConfigError, parse_config
-from router.budgets import input_token_bound, output_token_bound, period_bounds, scope_of
 from router.config import BudgetConfig, LedgerConfig, Target
 from router.hooks import Call, Hook, Reroute
+from router.plugins.budgets import input_token_bound, output_token_bound, period_bounds, scope_of
+from router.plugins.store import SqliteStore, Store
 from router.sandbox import Reply, Upstream
-from router.store import SqliteStore, Store
 from router.usage import read_calls
 
 # Every call to chat costs exactly its worst case: 100 output tokens (= max_tokens) at $1000/1M = $0.10.

@@ -1,4 +1,4 @@
-"""The response cache (`router.cache`) over the real loopback upstream: what is served, what never is.
+"""The response cache (`router.plugins.cache`) over the real loopback upstream: what is served, what never is.
 
 The upstream's history says whether a request went out; the registry says what was counted.
 """
@@ -30,9 +30,9 @@ from router import (
     Target,
     parse_config,
 )
-from router.cache import CacheHook, FileStore, MemoryStore, RedisStore, request_key
 from router.config import LedgerConfig
 from router.hooks import AttemptReport, Call, Hook, Reroute
+from router.plugins.cache import CacheHook, FileStore, MemoryStore, RedisStore, request_key
 from router.sandbox import Reply, Upstream
 from router.usage import read_calls
 

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from router import ProviderError, Router, StreamInterruptedError, query_usage
 from router.cli import main
 from router.config import LedgerConfig
-from router.ledger import Ledger, ledger_of
+from router.plugins.ledger import Ledger, ledger_of
 from router.sandbox import Reply, Upstream
 from router.usage import read_calls, render
 

@@ -14,9 +14,9 @@ from test_ledger import PRICES
 
 from router import BudgetExceededError, query_usage
 from router.config import LedgerConfig
-from router.ledger import ledger_of
+from router.plugins.ledger import ledger_of
+from router.plugins.store import PostgresStore
 from router.sandbox import Reply, Upstream
-from router.store import PostgresStore
 from router.usage import read_calls
 
 

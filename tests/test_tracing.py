@@ -1,4 +1,4 @@
-"""OpenTelemetry traces (`router.tracing`): real SDK spans, exported in memory, over the real loopback upstream."""
+"""OpenTelemetry traces (`router.plugins.tracing`): real SDK spans, exported in memory, over the loopback upstream."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from router import AllTargetsFailedError, ConfigError, Result, RouterError, Usage, parse_config
 from router.config import Target
 from router.hooks import Call, Hook
+from router.plugins.tracing import TracingHook
 from router.sandbox import Reply, Upstream
-from router.tracing import TracingHook
 
 TRACED = "tracing: {enabled: true}"
 PRICED = """

@@ -1,8 +1,9 @@
 """The ledger's database: a SQLite file (stdlib `sqlite3`) or PostgreSQL (`psycopg` 3 with `psycopg_pool`).
 
-The ledger (`router.ledger`), the budgets (`router.budgets`) and the usage query (`router.usage`) write the same
-SQL through `Store.transaction()`; the two dialects differ only in placeholders, the JSON type of `tags`, how
-a transaction takes its lock, and how a tag is read in a query. psycopg is imported only for a `dsn:`.
+The ledger (`router.plugins.ledger`), the budgets (`router.plugins.budgets`) and the usage query
+(`router.usage`) write the same SQL through `Store.transaction()`; the two dialects differ only in placeholders,
+the JSON type of `tags`, how a transaction takes its lock, and how a tag is read in a query.
+psycopg is imported only for a `dsn:`.
 
 Money is stored as integer nano-USD (1e-9 USD), so sums are exact and a budget's comparison never drifts.
 """
@@ -18,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import LedgerConfig
+from ..config import LedgerConfig
 
 log = logging.getLogger("router")
 
@@ -222,7 +223,7 @@ class PostgresStore(Store):
         try:
             from psycopg_pool import ConnectionPool
         except ImportError:
-            from .errors import ConfigError, ConfigProblem
+            from ..errors import ConfigError, ConfigProblem
 
             need = "a PostgreSQL ledger needs psycopg: pip install 'llm-router[postgres]'"
             raise ConfigError([ConfigProblem("<config>", None, "ledger.dsn", need)]) from None

@@ -29,12 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .hooks import AttemptReport, Call, Hook
+from ..hooks import AttemptReport, Call, Hook
 from .store import CALL_COLUMNS, Store, db_errors, open_store, to_nusd
 
 if TYPE_CHECKING:
-    from .config import LedgerConfig
-    from .types import Result
+    from ..config import LedgerConfig
+    from ..types import Result
 
 try:
     import fcntl

@@ -36,14 +36,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .errors import BudgetExceededError
-from .hooks import AttemptReport, Call, Hook, Reroute
+from ..errors import BudgetExceededError
+from ..hooks import AttemptReport, Call, Hook, Reroute
 from .store import NUSD, Cursor, Store, db_errors, to_nusd
 
 if TYPE_CHECKING:
-    from .config import BudgetConfig, RouterConfig, Target
-    from .metrics import RouterMetrics
-    from .types import Result
+    from ..config import BudgetConfig, RouterConfig, Target
+    from ..metrics import RouterMetrics
+    from ..types import Result
 
 log = logging.getLogger("router")
 
@@ -120,8 +120,8 @@ def worst_case_usd(target: Target, input_tokens: int, output_tokens: int) -> flo
     if target.pricing is not None:
         p = target.pricing
         return input_tokens * p.input_per_token + output_tokens * p.output_per_token
-    from . import _litellm  # imported already: this runs on a call's path
-    from .types import Usage
+    from .. import _litellm  # imported already: this runs on a call's path
+    from ..types import Usage
 
     return _litellm.price_map_cost(target, Usage(input_tokens, output_tokens))
 
@@ -324,7 +324,7 @@ class Budgets(Hook):
         if not in_scope:
             return
         now = time.time()
-        from . import _litellm
+        from .. import _litellm
 
         out_tokens = output_token_bound(request, None)
         if not any(request.get(n) for n in ("max_tokens", "max_completion_tokens")):

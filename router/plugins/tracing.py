@@ -27,11 +27,11 @@ from urllib.parse import urlsplit
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from .hooks import AttemptReport, Call, Hook
+from ..hooks import AttemptReport, Call, Hook
 
 if TYPE_CHECKING:
-    from .config import Target, TracingConfig
-    from .types import Result
+    from ..config import Target, TracingConfig
+    from ..types import Result
 
 OPERATION = "chat"
 SCOPE = "llm-router"
@@ -83,7 +83,7 @@ class TracingHook(Hook):
     """Spans of each call and attempt; see the module docstring."""
 
     def __init__(self, config: TracingConfig | None = None, tracer_provider: trace.TracerProvider | None = None):
-        from . import __version__
+        from .._version import __version__
 
         self.capture_content = bool(config and config.capture_content)
         self.tracer = trace.get_tracer(SCOPE, __version__, tracer_provider=tracer_provider)

@@ -34,14 +34,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import structured
-from ._litellm import InvalidResponse
-from .hooks import Call, Hook
-from .types import Result, Usage
+from .. import structured
+from .._litellm import InvalidResponse
+from ..hooks import Call, Hook
+from ..types import Result, Usage
 
 if TYPE_CHECKING:
-    from .config import CacheConfig, StateConfig
-    from .metrics import RouterMetrics
+    from ..config import CacheConfig, StateConfig
+    from ..metrics import RouterMetrics
 
 log = logging.getLogger("router")
 
@@ -325,7 +325,7 @@ class RedisStore:
     def __init__(self, url: str, prefix: str, timeout_s: float, max_bytes: int = 64 * 1024 * 1024) -> None:
         import redis  # the `redis` extra, as for state.backend redis
 
-        from .state import redis_where
+        from ..state import redis_where
 
         self.where = redis_where(url)  # never the password
         self.prefix = f"{prefix}:cache:"
