@@ -45,9 +45,9 @@ from .errors import (
 from .health import STATE_VALUE, CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
 from .hooks import AttemptReport, Call, Hook, Hooks, Reroute, check_tags
 from .metrics import RouterMetrics
+from .outcomes import outcome as outcome_of
 from .plugins import config_hooks
 from .policy import (
-    TRANSIENT,
     Step,
     backoff_delay,
     build_messages,
@@ -77,9 +77,6 @@ _RESERVED = frozenset(
         "stream_options",
     }
 )
-# Failures that say a target is unhealthy (as opposed to a bad request): they count towards its breaker.
-_COUNTS_AGAINST_TARGET = TRANSIENT | {"auth", "payment_required"}
-_KEY_FAILURES = frozenset({"auth", "payment_required"})
 
 DISABLED_ENV = "LLM_ROUTER_DISABLED_PROVIDERS"
 
@@ -514,12 +511,14 @@ class Router:
             alias_name, msgs, params, check_tags(tags), stream, config=cfg, requests=targets, response_format=fmt
         )
         call.cache = bool(cache)
+        deadline_s = timeout if timeout is not None else cfg.defaults.deadline_s
+        call.deadline_at = self._clock() + deadline_s
         return _Plan(
             snap=snap,
             alias=alias_name,
             targets=targets,
             skipped=tuple(skipped),
-            deadline_s=timeout if timeout is not None else cfg.defaults.deadline_s,
+            deadline_s=deadline_s,
             pinned_key=key,
             call=call,
             stream=stream,
@@ -600,7 +599,7 @@ class Router:
                 failure, last_error = outcome
                 left = (target.provider, failure.outcome)
                 retry = plan.snap.config.defaults.retry
-                if raced and not queue and failure.outcome in TRANSIENT and retry.attempts > 1:
+                if raced and not queue and outcome_of(failure.outcome).transient and retry.attempts > 1:
                     # A lost race with nothing left to fall back to: the first target gets its usual retries.
                     delay = backoff_delay(1, retry, failure.retry_after, self._jitter())
                     if delay < start + plan.deadline_s - clock():
@@ -712,18 +711,18 @@ class Router:
             # out again at once with the next key, before any retry or fallback.
             pooled = key is not None and sum(k.usable for k in target.keys) > 1
             if pooled and key is not None:
-                if failure.outcome in _KEY_FAILURES:
+                if outcome_of(failure.outcome).key_fault:
                     self._keys.bench(target.provider, key.name, clock() + target.circuit.cooldown_s)
                     log.warning(
                         "%s: key %r of provider %r benched after %s", alias, key.name, target.provider, failure.outcome
                     )
-                if plan.pinned_key is None and failure.outcome in (*_KEY_FAILURES, "rate_limit"):
+                if plan.pinned_key is None and outcome_of(failure.outcome).rotate_key:
                     nxt = self._pick_key(target, None, keys_tried)
                     if nxt is not None:
                         key, tries = nxt, tries - 1
                         continue
             # A key refused while the pool has others is that key's fault, not the target's.
-            health = None if pooled and failure.outcome in _KEY_FAILURES else _health_signal(failure.outcome)
+            health = None if pooled and outcome_of(failure.outcome).key_fault else _health_signal(failure.outcome)
             self._record_health(target, health, probe)
             step = next_step(failure.outcome, tries, retry, fallback_on, has_next)
             if step is Step.RETRY:
@@ -1149,7 +1148,7 @@ def _request(
 
 def _health_signal(outcome: str) -> bool | None:
     """Whether a failure counts against the target's breaker (None: it says nothing about its health)."""
-    return True if outcome in _COUNTS_AGAINST_TARGET else None
+    return True if outcome_of(outcome).against_target else None
 
 
 def _no_target_outcome(skipped: Sequence[Skip]) -> str:

@@ -16,13 +16,14 @@ import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 import yaml.composer
 import yaml.constructor
 import yaml.resolver
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,20 +37,10 @@ from pydantic import (
     model_validator,
 )
 
+from . import outcomes
 from .errors import ConfigError, ConfigProblem
-from .types import FailureOutcome
 
-DEFAULT_FALLBACK_ON = [
-    "rate_limit",
-    "timeout",
-    "connection",
-    "server_error",
-    "auth",
-    "payment_required",
-    "not_found",
-    "invalid_response",
-    "context_window",
-]
+DEFAULT_FALLBACK_ON = list(outcomes.DEFAULT_FALLBACK_ON)
 # Latency of LLM calls runs from tens of milliseconds (a cached or tiny answer) to minutes (long generations).
 DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
@@ -92,6 +83,14 @@ class CircuitOverride(_Model):
     cooldown_s: PositiveFloat | None = None
 
 
+def _known_outcome(name: str) -> str:
+    if name not in outcomes.OUTCOMES:
+        close = difflib.get_close_matches(name, outcomes.FAILURE_OUTCOMES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"{name!r} is not a failure outcome{hint} (outcomes: {', '.join(outcomes.FAILURE_OUTCOMES)})")
+    return name
+
+
 class DefaultsConfig(_Model):
     """Settings that apply to every alias unless a provider overrides them."""
 
@@ -110,9 +109,10 @@ class DefaultsConfig(_Model):
     )
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
-    fallback_on: list[FailureOutcome] = Field(
-        default_factory=lambda: list(DEFAULT_FALLBACK_ON),  # type: ignore[arg-type]
+    fallback_on: list[Annotated[str, AfterValidator(_known_outcome)]] = Field(
+        default_factory=lambda: list(DEFAULT_FALLBACK_ON),
         description="Failure outcomes that move the call on to the next target.",
+        json_schema_extra={"items": {"enum": list(outcomes.FAILURE_OUTCOMES)}},
     )
 
 

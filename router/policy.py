@@ -18,10 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .config import AliasConfig, RetryConfig, Target
+from .outcomes import outcome as outcome_of
 from .types import CostSource, Skip, Usage
-
-# Failures that may go away on their own: worth another try on the same target.
-TRANSIENT = frozenset({"rate_limit", "timeout", "connection", "server_error", "invalid_response"})
 
 
 class Step(enum.Enum):
@@ -99,7 +97,7 @@ def next_step(
     has_next_target: bool,
 ) -> Step:
     """Retry a transient failure while tries remain; then fall back if the outcome allows it; else fail."""
-    if outcome in TRANSIENT and tries_on_target < retry.attempts:
+    if outcome_of(outcome).transient and tries_on_target < retry.attempts:
         return Step.RETRY
     if outcome in fallback_on and has_next_target:
         return Step.FALLBACK

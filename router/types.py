@@ -1,26 +1,9 @@
-"""Plain data the router hands back: `Result`, `Usage`, `Attempt`, `Skip`, and the `Outcome` names."""
+"""Plain data the router hands back: `Result`, `Usage`, `Attempt`, `Skip` (outcome names: `router.outcomes`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-FailureOutcome = Literal[
-    "rate_limit",
-    "timeout",
-    "connection",
-    "server_error",
-    "auth",
-    "payment_required",
-    "not_found",
-    "bad_request",
-    "context_window",
-    "content_filter",
-    "invalid_response",
-    "other",
-]
-Outcome = Literal["success"] | FailureOutcome
-FAILURE_OUTCOMES: tuple[str, ...] = FailureOutcome.__args__  # type: ignore[attr-defined]
 
 CostSource = Literal["config", "provider", "litellm", "unknown", "cache"]
 

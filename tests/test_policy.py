@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from router import ConfigError
 from router.config import DEFAULT_FALLBACK_ON, RetryConfig, RouterConfig, Target, parse_config
+from router.outcomes import FAILURE_OUTCOMES, OUTCOMES
 from router.policy import (
-    TRANSIENT,
     Step,
     backoff_delay,
     build_messages,
@@ -20,7 +21,9 @@ from router.policy import (
     plan_targets,
     price,
 )
-from router.types import FAILURE_OUTCOMES, Skip, Usage
+from router.types import Skip, Usage
+
+TRANSIENT = {name for name, o in OUTCOMES.items() if o.transient}
 
 CONFIG = """\
 version: 1
@@ -114,8 +117,18 @@ def test_default_fallback_on_is_the_config_default() -> None:
     assert not {"bad_request", "content_filter"} & set(DEFAULT_FALLBACK_ON)
 
 
-def test_transient_outcomes_are_failure_outcomes() -> None:
-    assert set(FAILURE_OUTCOMES) >= TRANSIENT
+def test_the_outcome_table_keeps_its_routing_rules() -> None:
+    assert {"rate_limit", "timeout", "connection", "server_error", "invalid_response"} == TRANSIENT
+    against = {n for n, o in OUTCOMES.items() if o.against_target}
+    assert against == TRANSIENT | {"auth", "payment_required"}
+    assert {n for n, o in OUTCOMES.items() if o.key_fault} == {"auth", "payment_required"}
+    assert {n for n, o in OUTCOMES.items() if o.rotate_key} == {"auth", "payment_required", "rate_limit"}
+
+
+def test_fallback_on_names_only_known_outcomes() -> None:
+    bad = CONFIG.replace("version: 1", "version: 1\ndefaults: {fallback_on: [rate_limt]}")
+    with pytest.raises(ConfigError, match="'rate_limt' is not a failure outcome; did you mean 'rate_limit'"):
+        parse_config(bad, env={"KEY_A": "a", "KEY_B": "b"})
 
 
 # --- backoff_delay ----------------------------------------------------------------------------------------
