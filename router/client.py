@@ -512,7 +512,7 @@ class Router:
         )
         call.cache = bool(cache)
         deadline_s = timeout if timeout is not None else cfg.defaults.deadline_s
-        call.deadline_at = self._clock() + deadline_s
+        call.deadline_at = time.monotonic() + deadline_s
         return _Plan(
             snap=snap,
             alias=alias_name,
