@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import os
 import threading
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
+from .background import background_loop, run_on
 from .engines import Send, engine_for
 from .streams import StreamState
 
@@ -125,30 +125,6 @@ def _outcome(task: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> Any:
     return exc if exc is not None else task.result()
 
 
-_bg_lock = threading.Lock()
-_bg_loop: asyncio.AbstractEventLoop | None = None
-_bg_pid = 0
-
-
-def background_loop() -> asyncio.AbstractEventLoop:
-    """The event loop that `SyncRacer` runs requests on, in a daemon thread started on first use (again in a
-    forked worker, where the parent's thread does not run)."""
-    global _bg_loop, _bg_pid
-    with _bg_lock:
-        if _bg_loop is None or _bg_pid != os.getpid():
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="llm-router-hedge", daemon=True).start()
-            _bg_loop, _bg_pid = loop, os.getpid()
-        return _bg_loop
-
-
-def _on(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> concurrent.futures.Future[Any]:
-    async def run() -> Any:
-        return await coro
-
-    return asyncio.run_coroutine_threadsafe(run(), loop)
-
-
 class SyncBridge:
     """An engine's async stream, read by a sync caller through the background loop (a `Stream`'s source), held to
     the idle and total limits of the `StreamState` it feeds, as a stream read on its own thread is."""
@@ -168,7 +144,7 @@ class SyncBridge:
             except StopAsyncIteration:
                 return False, None
 
-        more, chunk = _on(self._loop, step()).result()
+        more, chunk = run_on(self._loop, step()).result()
         if not more:
             raise StopIteration
         return chunk
@@ -180,7 +156,7 @@ class SyncBridge:
         """Close the async stream on its loop."""
         state = StreamState(self._source)
         try:
-            _on(self._loop, state.aclose()).result(timeout=5)
+            run_on(self._loop, state.aclose()).result(timeout=5)
         except Exception:  # already closed, or the loop is gone: nothing more to free
             pass
 
@@ -196,7 +172,7 @@ class SyncRacer:
     def launch(self, send: Send) -> int:
         """Start one request (a stream held to its limits); its handle."""
         handle = next(self._ids)
-        self._futures[handle] = _on(self._loop, _request(send))
+        self._futures[handle] = run_on(self._loop, _request(send))
         return handle
 
     def wait(self, timeout: float) -> tuple[int, Any] | None:
@@ -222,7 +198,7 @@ class SyncRacer:
             if fut.done():
                 reply = _outcome(fut)
                 if isinstance(reply, StreamState):
-                    _on(self._loop, reply.aclose()).result(timeout=5)
+                    run_on(self._loop, reply.aclose()).result(timeout=5)
                 out.append((handle, reply))
             else:
                 fut.cancel()  # cancels the task on the loop, which closes its connection
