@@ -23,6 +23,7 @@ from .errors import (
     BudgetExceededError,
     ConfigError,
     DeadlineExceededError,
+    HookFailedError,
     MissingCredentialsError,
     ProviderError,
     RouterError,
@@ -30,6 +31,7 @@ from .errors import (
     UnknownModelError,
     UnknownProviderError,
 )
+from .hooks import AttemptReport, Call, Hook
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
 from .usage import query_usage
@@ -38,9 +40,13 @@ __all__ = [
     "AllTargetsFailedError",
     "AsyncStream",
     "Attempt",
+    "AttemptReport",
     "BudgetExceededError",
+    "Call",
     "ConfigError",
     "DeadlineExceededError",
+    "Hook",
+    "HookFailedError",
     "MissingCredentialsError",
     "ProviderError",
     "Result",

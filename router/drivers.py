@@ -17,10 +17,12 @@ import asyncio
 import concurrent.futures
 import itertools
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import replace
 from typing import Any
 
 from .background import background_loop, run_on
 from .engines import Chunk, Send, engine_for
+from .errors import HookFailedError
 from .loop import (
     CancelStep,
     Effect,
@@ -48,7 +50,7 @@ def drive(loop: Loop, stream: bool, sleep: Callable[[float], None]) -> Any:
         while True:
             if isinstance(step, StreamStep):
                 handed_over = True
-                return Stream(loop, step.state)
+                return Stream(loop, step.state, step.rewrite)
             if isinstance(step, (LaunchStep, WaitStep, CancelStep)):
                 racer = racer or SyncRacer()
                 reply = racer.do(step)
@@ -73,7 +75,7 @@ async def adrive(loop: Loop, stream: bool, asleep: Callable[[float], Any]) -> An
         while True:
             if isinstance(step, StreamStep):
                 handed_over = True
-                return AsyncStream(loop, step.state)
+                return AsyncStream(loop, step.state, step.rewrite)
             if isinstance(step, (LaunchStep, WaitStep, CancelStep)):
                 racer = racer or AsyncRacer()
                 reply = await racer.do(step)
@@ -341,20 +343,25 @@ def _pieces(text: str, size: int = 24) -> list[str]:
 
 
 class _StreamBase:
-    """What `Stream` and `AsyncStream` share: the content already read, and handing the end back to the loop."""
+    """What `Stream` and `AsyncStream` share: the content already read, the hooks' rewrite of its text on the way
+    to the caller, and handing the end back to the loop."""
 
-    def __init__(self, loop: Loop | None, state: StreamState) -> None:
+    def __init__(self, loop: Loop | None, state: StreamState, rewrite: Callable[[str, bool], str] | None = None):
         self._loop = loop
         self._answer: Result | None = None
         self._state = state
         self._pending = list(state.pending)  # the content read while deciding this target would do
         self._done = False
+        self._ended = False  # the source has ended (what a rewrite held back may still be to come)
+        self._rewrite = rewrite
+        if rewrite is not None:
+            state.shown = []
         self.result: Result | None = None
 
     @property
     def text(self) -> str:
-        """The text received so far."""
-        return self._state.text
+        """The text given so far."""
+        return self._state.shown_text
 
     @classmethod
     def replay(cls, result: Result) -> Any:
@@ -367,6 +374,26 @@ class _StreamBase:
         stream._answer = result
         return stream
 
+    def _shown(self, chunk: Chunk) -> Chunk:
+        """A chunk as the caller is given it: its text through the hooks' rewrite (HookFailedError if it fails)."""
+        if self._rewrite is None or not chunk.text:
+            return chunk
+        text = self._rewrite(chunk.text, False)
+        assert self._state.shown is not None
+        self._state.shown.append(text)
+        return replace(chunk, text=text)
+
+    def _tail(self) -> Chunk | None:
+        """At the end of the source: what the hooks' rewrite held back, if anything."""
+        if self._rewrite is None:
+            return None
+        text = self._rewrite("", True)
+        if not text:
+            return None
+        assert self._state.shown is not None
+        self._state.shown.append(text)
+        return Chunk(text=text)
+
     def _finish(self, error: BaseException | None) -> None:
         # The loop accounts for the stream: it returns the Result, or raises StreamInterruptedError.
         self._done = True
@@ -378,6 +405,15 @@ class _StreamBase:
             self._loop.send(self._state)
         except StopIteration as done:
             self.result = done.value
+
+    def _failed(self, exc: HookFailedError) -> None:
+        """A rewrite failed: the loop counts the stream as stopped and the call as failed; raises `exc`."""
+        self._done = True
+        if self._loop is not None:
+            try:
+                self._loop.throw(exc)
+            except StopIteration:  # the loop ended without re-raising: the caller still gets the failure
+                pass
 
     def _abandon(self) -> bool:
         if self._done:
@@ -409,19 +445,33 @@ class Stream(_StreamBase):
             yield chunk
 
     def _next_content(self) -> Chunk | None:
+        try:
+            return self._content()
+        except HookFailedError as exc:
+            self._state.close()
+            self._failed(exc)
+            raise
+
+    def _content(self) -> Chunk | None:
         if self._pending:
-            return self._pending.pop(0)
+            return self._shown(self._pending.pop(0))
         while not self._done:
+            if self._ended:
+                self._finish(None)
+                break
             try:
                 chunk = self._state.next_chunk()
             except StopIteration:
-                self._finish(None)
-                break
+                self._ended = True
+                tail = self._tail()
+                if tail is not None:
+                    return tail
+                continue
             except Exception as exc:
                 self._finish(exc)
                 break
             if self._state.feed(chunk):
-                return chunk
+                return self._shown(chunk)
         return None
 
     def close(self) -> None:
@@ -456,19 +506,33 @@ class AsyncStream(_StreamBase):
             yield chunk
 
     async def _next_content(self) -> Chunk | None:
+        try:
+            return await self._content()
+        except HookFailedError as exc:
+            await self._state.aclose()
+            self._failed(exc)
+            raise
+
+    async def _content(self) -> Chunk | None:
         if self._pending:
-            return self._pending.pop(0)
+            return self._shown(self._pending.pop(0))
         while not self._done:
+            if self._ended:
+                self._finish(None)
+                break
             try:
                 chunk = await self._state.anext_chunk()
             except StopAsyncIteration:
-                self._finish(None)
-                break
+                self._ended = True
+                tail = self._tail()
+                if tail is not None:
+                    return tail
+                continue
             except Exception as exc:
                 self._finish(exc)
                 break
             if self._state.feed(chunk):
-                return chunk
+                return self._shown(chunk)
         return None
 
     async def aclose(self) -> None:

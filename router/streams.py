@@ -123,6 +123,7 @@ class StreamState:
         self.provider_cost: float | None = None
         self.error: BaseException | None = None
         self.model: str | None = None  # the model the provider says answered
+        self.shown: list[str] | None = None  # the text the caller was given, when hooks rewrite it on its way
         self.limits = limits
         self.started = time.monotonic() if started is None else started
         self.last_text = self.started
@@ -132,6 +133,11 @@ class StreamState:
     def text(self) -> str:
         """The text received so far."""
         return "".join(self.parts)
+
+    @property
+    def shown_text(self) -> str:
+        """The text the caller was given: as received, or as the hooks rewrote it."""
+        return "".join(self.shown) if self.shown is not None else self.text
 
     @property
     def has_content(self) -> bool:
