@@ -285,8 +285,9 @@ class Router:
             if config.state != old.state:
                 log.warning("the state section changes at restart only; keeping state.backend %s", old.state.backend)
             self._snap = _snapshot(config, os.environ)
-            self.metrics.reload_result(True)
+            # The sha switches first: a scrape that sees this reload counted sees only the new sha in force.
             self.metrics.config_in_force(config.sha256, old.sha256, time.time())
+            self.metrics.reload_result(True)
             log.info("config reloaded from %s (sha256 %s)", config.source, config.sha256[:12])
             return True
 
