@@ -8,12 +8,17 @@ says which requirement admits it) and the README.
 from __future__ import annotations
 
 import re
-import tomllib
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the dev extra installs tomli there
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
