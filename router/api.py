@@ -132,9 +132,9 @@ def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Co
 def preload() -> None:
     """Import LiteLLM now (seconds, ~170 MB) instead of at the first call. In a gunicorn master before the
     fork (see examples/gunicorn.conf.py) every worker inherits it: they start at once and share its memory."""
-    from . import _litellm
+    from .engines import DEFAULT_ENGINE, get_engine
 
-    _litellm.litellm()
+    get_engine(DEFAULT_ENGINE).load()
     # What is loaded now lives as long as the process: the collector never needs to look at it again. Frozen,
     # a forked worker's collections (the last one at exit above all) no longer write to every object of that
     # heap, which copied all of its pages into each worker: 1-3 s to exit and the memory the fork saved.
