@@ -58,6 +58,7 @@ from .policy import (
     plan_targets,
     price,
 )
+from .secrets import config_secrets, guard_logs
 from .state import shared_state
 from .streams import StreamState
 from .structured import Format, make_format
@@ -161,10 +162,7 @@ def _snapshot(config: RouterConfig, env: Mapping[str, str]) -> _Snapshot:
     unknown = disabled - set(config.providers)
     if unknown:
         log.warning("%s names providers not in the config: %s", DISABLED_ENV, ", ".join(sorted(unknown)))
-    # Values to scrub from every error text; short literals like "none" are not secrets.
-    secrets = tuple(
-        v for p in config.providers.values() for k in p.api_keys() if len(v := k.secret.get_secret_value()) >= 6
-    )
+    secrets = guard_logs(config_secrets(config))  # to scrub from every error text, and from every log line
     return _Snapshot(config, disabled, secrets)
 
 
