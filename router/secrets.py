@@ -8,7 +8,8 @@ The secrets of a config (`config_secrets`):
   X-Api-Key, ...), whole and its last word (the token after "Bearer");
 - in `api_base`, `state.url` and `ledger.dsn`: the password of the userinfo (or a user name alone, which is
   a token: `https://TOKEN@host`) and the value of every query parameter whose name says it is a credential
-  (`?api-key=`, `?token=`, `?sig=`, `?password=` ...); in a key/value DSN (`host=db password=...`), the
+  (`?api-key=`, `?token=`, `?sig=`, `?password=` ...), as written and percent-decoded, and for an http(s)
+  URL the Basic auth header its user:password becomes; in a key/value DSN (`host=db password=...`), the
   password.
 
 Texts shorter than MIN_SECRET_CHARS are left alone: "none" or "x" would black out every message.
