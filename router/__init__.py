@@ -9,6 +9,7 @@ from ._version import __version__
 from .api import (
     agenerate,
     default_router,
+    exit_worker,
     generate,
     mark_process_dead,
     metrics_registry,
@@ -65,6 +66,7 @@ __all__ = [
     "agenerate",
     "config_schema",
     "default_router",
+    "exit_worker",
     "generate",
     "load_config",
     "mark_process_dead",
