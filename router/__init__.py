@@ -30,6 +30,7 @@ from .errors import (
     UnknownModelError,
     UnknownProviderError,
 )
+from .gateway import async_openai_client, openai_client
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
 from .usage import query_usage
@@ -57,12 +58,14 @@ __all__ = [
     "Usage",
     "__version__",
     "agenerate",
+    "async_openai_client",
     "config_schema",
     "default_router",
     "generate",
     "load_config",
     "mark_process_dead",
     "metrics_registry",
+    "openai_client",
     "parse_config",
     "preload",
     "query_usage",
