@@ -30,7 +30,7 @@ import litellm
 from prometheus_client import CollectorRegistry
 
 import router
-from router import _litellm
+from router.engines import litellm as _litellm
 
 from . import clients as cl
 from .measure import Runner
@@ -53,7 +53,7 @@ SPOTS = [
     ("httpx + litellm's aiohttp transport: send", "httpx/_client.py", "send"),
     ("router: agenerate (everything, litellm included)", "router/client.py", "agenerate"),
     ("router: _prepare (plan, kwargs)", "router/client.py", "_prepare"),
-    ("router: read_response", "router/_litellm.py", "read_response"),
+    ("router: read_response", "router/engines/litellm.py", "read_response"),
 ]
 
 

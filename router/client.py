@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -27,8 +27,9 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from . import _litellm, hedge, structured
+from . import hedge, structured
 from .config import ApiKey, HedgeConfig, RouterConfig, Target, file_sha256, load_config
+from .engines import Answer, Chunk, Failure, InvalidResponse, Send, StreamLimits, engine_for, get_engine
 from .errors import (
     AllTargetsFailedError,
     ConfigError,
@@ -58,6 +59,7 @@ from .policy import (
     price,
 )
 from .state import shared_state
+from .streams import StreamState
 from .structured import Format, make_format
 from .types import Attempt, CostSource, Result, Skip, Usage
 
@@ -83,18 +85,16 @@ DISABLED_ENV = "LLM_ROUTER_DISABLED_PROVIDERS"
 
 @dataclass(frozen=True)
 class _Send:
-    """The loop asks for one request with these litellm kwargs (streamed: open it and read to the first text)."""
+    """The loop asks for one request to be sent (streamed: opened and read to the first text)."""
 
-    kwargs: dict[str, Any]
-    stream: bool = False
-    limits: _litellm.StreamLimits | None = None  # a stream's time to first text, between texts, in all
+    send: Send
 
 
 @dataclass(frozen=True)
 class _Stream:
     """The loop hands an opened stream to the caller; it is sent the same state back when the stream ends."""
 
-    state: _litellm.StreamState
+    state: StreamState
 
 
 @dataclass(frozen=True)
@@ -117,9 +117,7 @@ class _Sleep:
 class _Launch:
     """The loop asks for a request to be started in the background (a hedged race); it is sent its handle."""
 
-    kwargs: dict[str, Any]
-    stream: bool = False
-    limits: _litellm.StreamLimits | None = None  # as _Send's
+    send: Send
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,7 @@ class _Racing:
     """A request of a hedged race, in flight."""
 
     target: Target
-    send: dict[str, Any]
+    send: Send
     key: ApiKey | None
     probe: bool
     t0: float
@@ -374,17 +372,16 @@ class Router:
                 elif isinstance(step, _RaceStep):
                     racer = racer or hedge.SyncRacer()
                     if isinstance(step, _Launch):
-                        reply = racer.launch(step.kwargs, step.stream, step.limits)
+                        reply = racer.launch(step.send)
                     elif isinstance(step, _Wait):
                         reply = racer.wait(step.seconds)
                     else:
                         reply = racer.cancel(step.handles)
                 else:
+                    send = step.send
                     try:
-                        if step.stream:
-                            reply = _litellm.open_stream(step.kwargs, step.limits)
-                        else:
-                            reply = _litellm.complete(step.kwargs)
+                        engine = engine_for(send.target)
+                        reply = engine.open_stream(send) if send.stream else engine.complete(send)
                     except Exception as exc:
                         reply = exc
                 step = loop.send(reply)
@@ -433,17 +430,16 @@ class Router:
                 elif isinstance(step, _RaceStep):
                     racer = racer or hedge.AsyncRacer()
                     if isinstance(step, _Launch):
-                        reply = racer.launch(step.kwargs, step.stream, step.limits)
+                        reply = racer.launch(step.send)
                     elif isinstance(step, _Wait):
                         reply = await racer.wait(step.seconds)
                     else:
                         reply = await racer.cancel(step.handles)
                 else:
+                    send = step.send
                     try:
-                        if step.stream:
-                            reply = await _litellm.aopen_stream(step.kwargs, step.limits)
-                        else:
-                            reply = await _litellm.acomplete(step.kwargs)
+                        engine = engine_for(send.target)
+                        reply = await (engine.aopen_stream(send) if send.stream else engine.acomplete(send))
                     except Exception as exc:
                         reply = exc
                 step = loop.send(reply)
@@ -479,7 +475,6 @@ class Router:
         params: dict[str, Any],
         cache: bool = True,
     ) -> _Plan:
-        _litellm.litellm()  # the first call imports it: not inside any attempt's clock or the deadline
         snap = self._snap  # read once: the whole call runs on this config
         cfg = snap.config
         reserved = _RESERVED.intersection(params)
@@ -506,6 +501,8 @@ class Router:
         fmt = make_format(response_format)
         if fmt is not None and stream:
             raise TypeError("generate() takes stream=True or response_format=, not both")
+        for engine in {t.engine for t in usable}:  # the first call loads it: not inside any attempt's clock
+            get_engine(engine).load()
         targets = tuple((t, _request(t, msgs, merge_params(alias, t, params), stream, fmt)) for t in usable)
         call = Call.new(
             alias_name, msgs, params, check_tags(tags), stream, config=cfg, requests=targets, response_format=fmt
@@ -661,7 +658,7 @@ class Router:
         probe: bool,
         attempts: list[Attempt],
         has_next: bool,
-    ) -> Generator[_Step, Any, Result | tuple[_litellm.Failure, BaseException]]:
+    ) -> Generator[_Step, Any, Result | tuple[Failure, BaseException]]:
         """Attempts on one target, with retries and key rotation: a Result, or the failure to fall back from."""
         m, alias, clock = self.metrics, plan.alias, self._clock
         defaults = plan.snap.config.defaults
@@ -679,31 +676,30 @@ class Router:
             if plan.stream:  # wall-clock bounds: keep-alives and empty deltas reset no timer
                 first = min(target.first_token_timeout_s or target.timeout_s, remaining)
                 idle = target.stream_idle_timeout_s or target.timeout_s
-                limits = _litellm.StreamLimits(first, idle, remaining)
-            send = {**kwargs, "timeout": limit}
+                limits = StreamLimits(first, idle, remaining)
             if self._hooks:
                 plan.call.key_name = key.name if key is not None else None
                 plan.call.hedge = False
-                hook = partial(self._hooks.before_attempt, plan.call, target, send)
+                hook = partial(self._hooks.before_attempt, plan.call, target, kwargs)
                 _raised((yield _Run(hook, self._hooks.blocking)))
             if key is not None:
-                send["api_key"] = key.secret.get_secret_value()
                 keys_tried.add(key.name)
                 m.key_used(target.provider, key.name)
+            send = Send(target, kwargs, limit, key.secret.get_secret_value() if key is not None else None, limits)
             t0 = clock()
             try:
-                reply = yield _Send(send, plan.stream, limits)
+                reply = yield _Send(send)
             except GeneratorExit:  # the caller went away mid-request: the attempt still counts
                 self._attempted(plan, target, "cancelled", clock() - t0, key)
                 raise
-            if isinstance(reply, _litellm.StreamState):
+            if isinstance(reply, StreamState):
                 return (yield from self._streamed(plan, start, target, send, reply, t0, probe, attempts, key))
             took = clock() - t0
             answer, parsed, reply = _read(reply, plan.fmt)
             if answer is not None:
                 return self._succeeded(plan, start, target, took, key, probe, attempts, answer, parsed, reply)
             scrub(reply, plan.snap.secrets)
-            failure = _litellm.classify_error(reply)
+            failure = engine_for(target).classify(reply)
             error = redact(failure.message, plan.snap.secrets)
             self._attempted(plan, target, failure.outcome, took, key, attempts, error, failure.status_code)
 
@@ -752,8 +748,8 @@ class Router:
         plan: _Plan,
         start: float,
         target: Target,
-        send: dict[str, Any],
-        state: _litellm.StreamState,
+        send: Send,
+        state: StreamState,
         t0: float,
         probe: bool,
         attempts: list[Attempt],
@@ -769,13 +765,13 @@ class Router:
             yield _Stream(state)  # the caller reads the stream; we are resumed when it ends or breaks
         except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
             took = clock() - t0
-            usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
+            usage = state.reported_usage or engine_for(target).count_tokens(target, send.body["messages"], state.text)
             cost, source = self._bill(alias, target, usage, None)
             answered = (state.model, state.finish_reason)
             self._attempted(plan, target, "cancelled", took, key, billed=(usage, cost, source), answered=answered)
             raise
         took = clock() - t0
-        usage = state.reported_usage or _litellm.count_tokens(target, send["messages"], state.text)
+        usage = state.reported_usage or engine_for(target).count_tokens(target, send.body["messages"], state.text)
         cost, source = self._bill(alias, target, usage, state.provider_cost)
         billed, answered = (usage, cost, source), (state.model, state.finish_reason)
         if state.error is None and state.finished:
@@ -793,10 +789,11 @@ class Router:
                 attempts=tuple(attempts),
                 finish_reason=state.finish_reason,
                 raw=None,
+                tool_calls=state.tool_call_list(),
             )
         if state.error is not None:
             scrub(state.error, plan.snap.secrets)
-            error = redact(_litellm.classify_error(state.error).message, plan.snap.secrets)
+            error = redact(engine_for(target).classify(state.error).message, plan.snap.secrets)
         else:
             error = state.unfinished_reason
         self._attempted(
@@ -818,7 +815,7 @@ class Router:
         attempts: list[Attempt],
         skipped: list[Skip],
         held_open: list[tuple[float, Target, dict[str, Any]]],
-    ) -> Generator[_Step, Any, Result | tuple[_litellm.Failure, BaseException]]:
+    ) -> Generator[_Step, Any, Result | tuple[Failure, BaseException]]:
         """A hedged first attempt: the first target, and while no answer has come, the next ones, `after` apart.
 
         The first success wins and the rest are cancelled and closed. A failure leaves the others racing; when
@@ -835,7 +832,7 @@ class Router:
         )
         delay = hedge.hedge_delay(cfg.after_s, cfg.after_percentile, seen)
         racing: dict[int, _Racing] = {}
-        last: tuple[_litellm.Failure, BaseException] | None = None
+        last: tuple[Failure, BaseException] | None = None
         extra = 0
         try:
             handle, entry = yield from self._launch(plan, deadline, *first, False)
@@ -871,7 +868,7 @@ class Router:
                 entry = racing.pop(handle)
                 took = clock() - entry.t0
                 target = entry.target
-                if isinstance(reply, _litellm.StreamState):
+                if isinstance(reply, StreamState):
                     yield from self._cancel_race(plan, racing, attempts)
                     if entry.hedge:
                         m.hedge_won(alias, target.provider, target.model)
@@ -889,7 +886,7 @@ class Router:
                         plan, start, target, took, entry.key, entry.probe, attempts, answer, parsed, reply, also
                     )
                 scrub(reply, plan.snap.secrets)
-                failure = _litellm.classify_error(reply)
+                failure = engine_for(target).classify(reply)
                 error = redact(failure.message, plan.snap.secrets)
                 stop = failure.outcome not in fallback_on
                 if stop:  # the rest are cancelled first, so the call's outcome is this failure's
@@ -924,19 +921,18 @@ class Router:
         if plan.stream:  # as in _on_target: wall-clock bounds that keep-alives and empty deltas do not reset
             first = min(target.first_token_timeout_s or target.timeout_s, remaining)
             idle = target.stream_idle_timeout_s or target.timeout_s
-            limits = _litellm.StreamLimits(first, idle, remaining)
-        send = {**kwargs, "timeout": limit}
+            limits = StreamLimits(first, idle, remaining)
         if self._hooks:
             plan.call.key_name = key.name if key is not None else None
             plan.call.hedge = is_hedge
-            _raised((yield _Run(partial(self._hooks.before_attempt, plan.call, target, send), self._hooks.blocking)))
+            _raised((yield _Run(partial(self._hooks.before_attempt, plan.call, target, kwargs), self._hooks.blocking)))
         if key is not None:
-            send["api_key"] = key.secret.get_secret_value()
             self.metrics.key_used(target.provider, key.name)
+        send = Send(target, kwargs, limit, key.secret.get_secret_value() if key is not None else None, limits)
         if is_hedge:
             self.metrics.hedged(plan.alias, target.provider, target.model)
             log.info("%s: no answer yet, hedging on %s", plan.alias, target.key)
-        handle = yield _Launch(send, plan.stream, limits)
+        handle = yield _Launch(send)
         return handle, _Racing(target, send, key, probe, self._clock(), is_hedge)
 
     def _hedge_target(
@@ -981,21 +977,17 @@ class Router:
             took = self._clock() - e.t0
             outcome, error, status, billed = cut, None, None, None
             answered: tuple[str | None, str | None] = (None, None)
-            if reply is not None and not isinstance(reply, (BaseException, _litellm.StreamState)):
-                try:
-                    answer = _litellm.read_response(reply)
-                except _litellm.InvalidResponse as exc:  # a content_filter answer among them: a failure
-                    reply = exc
-                else:  # it answered too: the provider bills it
-                    outcome, answered = "success", (answer.model, answer.finish_reason)
-                    billed = (answer.usage, *self._bill(plan.alias, e.target, answer.usage, answer.provider_cost))
-            if isinstance(reply, _litellm.StreamState):  # it had sent text: what came is billed
-                usage = reply.reported_usage or _litellm.count_tokens(e.target, e.send["messages"], reply.text)
+            if isinstance(reply, Answer):  # it answered too: the provider bills it
+                outcome, answered = "success", (reply.model, reply.finish_reason)
+                billed = (reply.usage, *self._bill(plan.alias, e.target, reply.usage, reply.provider_cost))
+            if isinstance(reply, StreamState):  # it had sent text: what came is billed
+                engine = engine_for(e.target)
+                usage = reply.reported_usage or engine.count_tokens(e.target, e.send.body["messages"], reply.text)
                 billed = (usage, *self._bill(plan.alias, e.target, usage, reply.provider_cost))
                 answered = (reply.model, reply.finish_reason)
             elif isinstance(reply, BaseException) and not isinstance(reply, asyncio.CancelledError):
                 scrub(reply, plan.snap.secrets)
-                failure = _litellm.classify_error(reply)
+                failure = engine_for(e.target).classify(reply)
                 outcome, status = failure.outcome, failure.status_code
                 error = redact(failure.message, plan.snap.secrets)
             if billed is not None:
@@ -1015,7 +1007,7 @@ class Router:
         key: ApiKey | None,
         probe: bool,
         attempts: list[Attempt],
-        answer: _litellm.Answer,
+        answer: Answer,
         parsed: Any,
         reply: Any,
         also_billed: float = 0.0,
@@ -1039,6 +1031,7 @@ class Router:
             finish_reason=answer.finish_reason,
             parsed=parsed,
             raw=reply,
+            tool_calls=answer.tool_calls,
         )
 
     def _attempted(
@@ -1070,7 +1063,9 @@ class Router:
 
     def _bill(self, alias: str, target: Target, usage: Usage, provider_cost: float | None) -> tuple[float, CostSource]:
         """Price a usage (config, provider-reported, litellm's map, unknown) and count its tokens and cost."""
-        map_cost = _litellm.price_map_cost(target, usage) if target.pricing is None and provider_cost is None else None
+        map_cost = None
+        if target.pricing is None and provider_cost is None:
+            map_cost = engine_for(target).price_map_cost(target, usage)
         cost, source = price(usage, target, provider_cost, map_cost)
         self.metrics.answered(
             alias, target.provider, target.model, usage.input_tokens, usage.output_tokens, cost, source != "unknown"
@@ -1105,16 +1100,15 @@ class Router:
             log.warning("provider %r skipped: %s is not set", s.provider, need)
 
 
-def _read(reply: Any, fmt: Format | None) -> tuple[_litellm.Answer | None, Any, Any]:
+def _read(reply: Any, fmt: Format | None) -> tuple[Answer | None, Any, Any]:
     """A reply's answer and parsed value; an unusable one becomes the InvalidResponse it is (answer None)."""
-    if isinstance(reply, BaseException):
+    if not isinstance(reply, Answer):
         return None, None, reply
     try:
-        answer = _litellm.read_response(reply)
-        parsed = structured.parse(answer.text, fmt) if fmt is not None else None
-    except _litellm.InvalidResponse as exc:
+        parsed = structured.parse(reply.text, fmt) if fmt is not None else None
+    except InvalidResponse as exc:
         return None, None, exc
-    return answer, parsed, reply
+    return reply, parsed, reply.raw
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -1139,11 +1133,11 @@ def _request(
     if stream:
         params = {**params, "stream": True, "stream_options": {"include_usage": True}}
     if fmt is not None:
-        if _litellm.supports_schema(target):
+        if engine_for(target).supports_schema(target):
             params = {**params, **structured.request_params(fmt, True)}
         else:
             messages = structured.with_instruction(messages, fmt)
-    return _litellm.request_kwargs(target, messages, params, target.timeout_s)
+    return {**params, "messages": messages}
 
 
 def _health_signal(outcome: str) -> bool | None:
@@ -1211,13 +1205,15 @@ def _stat(path: Path) -> tuple[int, int, int]:
 class _Ended:
     """The exhausted source of a replayed stream, for both `Stream` and `AsyncStream`."""
 
-    received_finish_reason = "stop"
-
     def __next__(self) -> Any:
         raise StopIteration
 
     async def __anext__(self) -> Any:
         raise StopAsyncIteration
+
+    def provider_finished(self) -> bool:
+        """A replayed answer was a finished one."""
+        return True
 
 
 def _pieces(text: str, size: int = 24) -> list[str]:
@@ -1233,13 +1229,13 @@ def _pieces(text: str, size: int = 24) -> list[str]:
 
 
 class _StreamBase:
-    """What `Stream` and `AsyncStream` share: the text already read, and handing the end back to the loop."""
+    """What `Stream` and `AsyncStream` share: the content already read, and handing the end back to the loop."""
 
-    def __init__(self, loop: _Loop | None, state: _litellm.StreamState) -> None:
+    def __init__(self, loop: _Loop | None, state: StreamState) -> None:
         self._loop = loop
         self._answer: Result | None = None
         self._state = state
-        self._pending = list(state.parts)  # the text read while deciding this target would do
+        self._pending = list(state.pending)  # the content read while deciding this target would do
         self._done = False
         self.result: Result | None = None
 
@@ -1251,8 +1247,9 @@ class _StreamBase:
     @classmethod
     def replay(cls, result: Result) -> Any:
         """A stream of an answer already made (a cache hit): its text in pieces, `.result` set at the end."""
-        state = _litellm.StreamState(_Ended())
+        state = StreamState(_Ended())
         state.parts = _pieces(result.text)
+        state.pending = [Chunk(text=p) for p in state.parts]
         state.finish_reason = result.finish_reason
         stream = cls(None, state)
         stream._answer = result
@@ -1281,13 +1278,25 @@ class Stream(_StreamBase):
     """The text deltas of a streamed answer, as they come. When it ends, `.result` holds the `Result`.
 
     Use it as an iterator (and, to stop early, `close()` it or use it in a `with` block); a stream that breaks
-    after text has been yielded raises `StreamInterruptedError`, carrying the text so far.
+    after text has been yielded raises `StreamInterruptedError`, carrying the text so far. `events()` gives the
+    same stream as `router.engines.Chunk`s, tool-call deltas included.
     """
 
     def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
+        while (chunk := self._next_content()) is not None:
+            if chunk.text:
+                return chunk.text
+        raise StopIteration
+
+    def events(self) -> Iterator[Chunk]:
+        """Each chunk that carries content (text or tool-call deltas), as it comes."""
+        while (chunk := self._next_content()) is not None:
+            yield chunk
+
+    def _next_content(self) -> Chunk | None:
         if self._pending:
             return self._pending.pop(0)
         while not self._done:
@@ -1299,10 +1308,9 @@ class Stream(_StreamBase):
             except Exception as exc:
                 self._finish(exc)
                 break
-            text = self._state.feed(chunk)
-            if text:
-                return text
-        raise StopIteration
+            if self._state.feed(chunk):
+                return chunk
+        return None
 
     def close(self) -> None:
         """Stop reading; the attempt and the call are counted as cancelled."""
@@ -1319,12 +1327,23 @@ class Stream(_StreamBase):
 
 
 class AsyncStream(_StreamBase):
-    """Async twin of `Stream`: `async for delta in stream`, then `stream.result`."""
+    """Async twin of `Stream`: `async for delta in stream`, then `stream.result`; `events()` as Stream's."""
 
     def __aiter__(self) -> AsyncStream:
         return self
 
     async def __anext__(self) -> str:
+        while (chunk := await self._next_content()) is not None:
+            if chunk.text:
+                return chunk.text
+        raise StopAsyncIteration
+
+    async def events(self) -> AsyncIterator[Chunk]:
+        """Each chunk that carries content (text or tool-call deltas), as it comes."""
+        while (chunk := await self._next_content()) is not None:
+            yield chunk
+
+    async def _next_content(self) -> Chunk | None:
         if self._pending:
             return self._pending.pop(0)
         while not self._done:
@@ -1336,10 +1355,9 @@ class AsyncStream(_StreamBase):
             except Exception as exc:
                 self._finish(exc)
                 break
-            text = self._state.feed(chunk)
-            if text:
-                return text
-        raise StopAsyncIteration
+            if self._state.feed(chunk):
+                return chunk
+        return None
 
     async def aclose(self) -> None:
         """Stop reading; the attempt and the call are counted as cancelled."""

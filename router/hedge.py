@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import os
 import threading
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
-from . import _litellm
+from .background import background_loop, run_on
+from .engines import Send, engine_for
+from .streams import StreamState
 
 MIN_SAMPLES = 20  # latencies a target needs before its percentile times a hedge
 WINDOW = 256  # the most recent latencies kept per target
@@ -56,14 +57,13 @@ def hedge_delay(after_s: float | None, percentile: float | None, seen: float | N
     return after_s
 
 
-def _request(
-    kwargs: dict[str, Any], stream: bool, limits: _litellm.StreamLimits | None
-) -> Coroutine[Any, Any, Any]:
-    return _litellm.aopen_stream(kwargs, limits) if stream else _litellm.acomplete(kwargs)
+def _request(send: Send) -> Coroutine[Any, Any, Any]:
+    engine = engine_for(send.target)
+    return engine.aopen_stream(send) if send.stream else engine.acomplete(send)
 
 
 async def _close(reply: Any) -> None:
-    if isinstance(reply, _litellm.StreamState):
+    if isinstance(reply, StreamState):
         await reply.aclose()
 
 
@@ -74,10 +74,10 @@ class AsyncRacer:
         self._ids = itertools.count(1)
         self._tasks: dict[int, asyncio.Task[Any]] = {}
 
-    def launch(self, kwargs: dict[str, Any], stream: bool, limits: _litellm.StreamLimits | None = None) -> int:
-        """Start one request (a stream held to `limits`); its handle."""
+    def launch(self, send: Send) -> int:
+        """Start one request (a stream held to its limits); its handle."""
         handle = next(self._ids)
-        self._tasks[handle] = asyncio.ensure_future(_request(kwargs, stream, limits))
+        self._tasks[handle] = asyncio.ensure_future(_request(send))
         return handle
 
     async def wait(self, timeout: float) -> tuple[int, Any] | None:
@@ -125,36 +125,12 @@ def _outcome(task: asyncio.Future[Any] | concurrent.futures.Future[Any]) -> Any:
     return exc if exc is not None else task.result()
 
 
-_bg_lock = threading.Lock()
-_bg_loop: asyncio.AbstractEventLoop | None = None
-_bg_pid = 0
-
-
-def background_loop() -> asyncio.AbstractEventLoop:
-    """The event loop that `SyncRacer` runs requests on, in a daemon thread started on first use (again in a
-    forked worker, where the parent's thread does not run)."""
-    global _bg_loop, _bg_pid
-    with _bg_lock:
-        if _bg_loop is None or _bg_pid != os.getpid():
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="llm-router-hedge", daemon=True).start()
-            _bg_loop, _bg_pid = loop, os.getpid()
-        return _bg_loop
-
-
-def _on(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> concurrent.futures.Future[Any]:
-    async def run() -> Any:
-        return await coro
-
-    return asyncio.run_coroutine_threadsafe(run(), loop)
-
-
 class SyncBridge:
-    """A litellm async stream, read by a sync caller through the background loop (a `Stream`'s source), held to
+    """An engine's async stream, read by a sync caller through the background loop (a `Stream`'s source), held to
     the idle and total limits of the `StreamState` it feeds, as a stream read on its own thread is."""
 
-    def __init__(self, state: _litellm.StreamState, loop: asyncio.AbstractEventLoop) -> None:
-        self._stream = state.stream
+    def __init__(self, state: StreamState, loop: asyncio.AbstractEventLoop) -> None:
+        self._source = state.source
         self._state = state
         self._loop = loop
 
@@ -164,28 +140,23 @@ class SyncBridge:
     def __next__(self) -> Any:
         async def step() -> tuple[bool, Any]:
             try:
-                return True, await self._state.anext_chunk(self._stream)
+                return True, await self._state.anext_chunk(self._source)
             except StopAsyncIteration:
                 return False, None
 
-        more, chunk = _on(self._loop, step()).result()
+        more, chunk = run_on(self._loop, step()).result()
         if not more:
             raise StopIteration
         return chunk
 
-    def __getattr__(self, name: str) -> Any:  # received_finish_reason, chunks: what StreamState reads
-        return getattr(self._stream, name)
-
-    @property
-    def completion_stream(self) -> SyncBridge:
-        """What `StreamState.close()` closes."""
-        return self
+    def __getattr__(self, name: str) -> Any:  # provider_finished, provider_usage: what StreamState asks
+        return getattr(self._source, name)
 
     def close(self) -> None:
         """Close the async stream on its loop."""
-        state = _litellm.StreamState(self._stream)
+        state = StreamState(self._source)
         try:
-            _on(self._loop, state.aclose()).result(timeout=5)
+            run_on(self._loop, state.aclose()).result(timeout=5)
         except Exception:  # already closed, or the loop is gone: nothing more to free
             pass
 
@@ -198,10 +169,10 @@ class SyncRacer:
         self._ids = itertools.count(1)
         self._futures: dict[int, concurrent.futures.Future[Any]] = {}
 
-    def launch(self, kwargs: dict[str, Any], stream: bool, limits: _litellm.StreamLimits | None = None) -> int:
-        """Start one request (a stream held to `limits`); its handle."""
+    def launch(self, send: Send) -> int:
+        """Start one request (a stream held to its limits); its handle."""
         handle = next(self._ids)
-        self._futures[handle] = _on(self._loop, _request(kwargs, stream, limits))
+        self._futures[handle] = run_on(self._loop, _request(send))
         return handle
 
     def wait(self, timeout: float) -> tuple[int, Any] | None:
@@ -226,8 +197,8 @@ class SyncRacer:
                 continue
             if fut.done():
                 reply = _outcome(fut)
-                if isinstance(reply, _litellm.StreamState):
-                    _on(self._loop, reply.aclose()).result(timeout=5)
+                if isinstance(reply, StreamState):
+                    run_on(self._loop, reply.aclose()).result(timeout=5)
                 out.append((handle, reply))
             else:
                 fut.cancel()  # cancels the task on the loop, which closes its connection
@@ -241,6 +212,6 @@ class SyncRacer:
         self._futures.clear()
 
     def _bridged(self, reply: Any) -> Any:
-        if isinstance(reply, _litellm.StreamState):
-            reply.stream = SyncBridge(reply, self._loop)
+        if isinstance(reply, StreamState):
+            reply.source = SyncBridge(reply, self._loop)
         return reply
