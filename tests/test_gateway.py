@@ -465,3 +465,87 @@ def test_an_alias_with_no_usable_target_is_not_ready(make_router: MakeRouter) ->
     assert ready.status_code == 503
     assert ready.json()["problems"] == ["alias 'bonly' has no usable target (all disabled or without keys)"]
     assert ready.json()["usable_targets"] == {"chat": 1, "single": 1, "bonly": 0}
+
+
+# -- tool calls ---------------------------------------------------------------------------------------------------
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def tool_call_answer() -> dict[str, Any]:
+    call = {"id": "call_7", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "model-a",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                "finish_reason": "tool_calls",
+            }
+        ],
+        "usage": {"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29},
+    }
+
+
+def tool_call_frames() -> list[bytes]:
+    def event(delta: dict[str, Any] | None, finish: str | None = None, **more: Any) -> bytes:
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+        body = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "model-a", "choices": choices}
+        return f"data: {json.dumps({**body, **more})}\n\n".encode()
+
+    first = {"index": 0, "id": "call_7", "type": "function", "function": {"name": "weather", "arguments": ""}}
+    return [
+        event({"role": "assistant", "content": None, "tool_calls": [first]}),
+        event({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]}),
+        event({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}),
+        event({}, "tool_calls"),
+        event(None, usage={"prompt_tokens": 20, "completion_tokens": 9, "total_tokens": 29}),
+        b"data: [DONE]\n\n",
+    ]
+
+
+def test_tools_go_to_the_provider_and_its_tool_calls_come_back(client: openai.OpenAI, up: Upstream) -> None:
+    up.enqueue("a", Reply(json=tool_call_answer()))
+
+    res = client.chat.completions.create(
+        model="chat", messages=ask("Weather in Paris?"), tools=[WEATHER_TOOL], tool_choice="auto",
+        parallel_tool_calls=False,
+    )  # fmt: skip
+
+    choice = res.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert (call.id, call.type, call.function.name) == ("call_7", "function", "weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    sent = up.requests("a")[-1].body
+    assert sent["tools"] == [WEATHER_TOOL] and sent["tool_choice"] == "auto" and sent["parallel_tool_calls"] is False
+
+
+def test_streamed_tool_calls_reach_the_sdks_stream_helper(client: openai.OpenAI, up: Upstream) -> None:
+    up.enqueue("a", Reply(raw_stream=tool_call_frames()))
+
+    with client.chat.completions.stream(model="chat", messages=ask("Weather?"), tools=[WEATHER_TOOL]) as stream:
+        for _ in stream:
+            pass
+        final = stream.get_final_completion()
+
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    call = choice.message.tool_calls[0]
+    assert (call.id, call.function.name, json.loads(call.function.arguments)) == (
+        "call_7",
+        "weather",
+        {"city": "Paris"},
+    )
