@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+BASE_URL = "http://llm-router.in-process/v1"  # the base URL of the in-process clients (no host is ever resolved)
+
 if TYPE_CHECKING:
+    import httpx
     import openai
 
     from ..client import Router
@@ -38,3 +41,18 @@ def async_openai_client(
     from .inprocess import async_openai_client as make
 
     return make(router, api_key=api_key, **kwargs)
+
+
+def http_client(router: Router | str | os.PathLike[str]) -> httpx.Client:
+    """An `httpx.Client` whose requests `router` answers in process, for SDKs that take one instead of a base URL
+    alone (langchain-openai's `http_client=`, pydantic-ai's): give them `base_url=BASE_URL` too."""
+    from .inprocess import http_client as make
+
+    return make(router)
+
+
+def async_http_client(router: Router | str | os.PathLike[str]) -> httpx.AsyncClient:
+    """Async twin of `http_client` (langchain-openai's `http_async_client=`)."""
+    from .inprocess import async_http_client as make
+
+    return make(router)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
     from ..client import Router
 
-BASE_URL = "http://llm-router.in-process/v1"
+from . import BASE_URL
+
 _END: Message = {"type": "end"}  # the app returned (or raised: see Exchange.error)
 
 
@@ -212,15 +213,25 @@ def _gateway(router: Router | str | os.PathLike[str]) -> tuple[Gateway, bool]:
     return Gateway(Router.from_yaml(router)), True
 
 
+def http_client(router: Router | str | os.PathLike[str]) -> httpx.Client:
+    """An httpx client on the in-process transport, for SDKs that take one (base URL: BASE_URL)."""
+    app, owned = _gateway(router)
+    return httpx.Client(transport=InProcessTransport(app, owned), base_url=BASE_URL, timeout=None)
+
+
+def async_http_client(router: Router | str | os.PathLike[str]) -> httpx.AsyncClient:
+    """Async twin of `http_client`."""
+    app, owned = _gateway(router)
+    return httpx.AsyncClient(transport=AsyncInProcessTransport(app, owned), base_url=BASE_URL, timeout=None)
+
+
 def openai_client(
     router: Router | str | os.PathLike[str], *, api_key: str | None = None, **kwargs: Any
 ) -> openai.OpenAI:
     """An `openai.OpenAI` whose requests the Router answers in this process (see `router.openai_client`)."""
     import openai
 
-    app, owned = _gateway(router)
-    http = httpx.Client(transport=InProcessTransport(app, owned), base_url=BASE_URL, timeout=None)
-    return openai.OpenAI(api_key=api_key or "in-process", base_url=BASE_URL, http_client=http, **kwargs)
+    return openai.OpenAI(api_key=api_key or "in-process", base_url=BASE_URL, http_client=http_client(router), **kwargs)
 
 
 def async_openai_client(
@@ -229,6 +240,5 @@ def async_openai_client(
     """An `openai.AsyncOpenAI` whose requests the Router answers on the caller's event loop."""
     import openai
 
-    app, owned = _gateway(router)
-    http = httpx.AsyncClient(transport=AsyncInProcessTransport(app, owned), base_url=BASE_URL, timeout=None)
+    http = async_http_client(router)
     return openai.AsyncOpenAI(api_key=api_key or "in-process", base_url=BASE_URL, http_client=http, **kwargs)
