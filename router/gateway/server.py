@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import ipaddress
 import logging
+import math
 import os
 import signal
 import sys
@@ -153,7 +154,7 @@ def _run_gunicorn(opts: ServeOptions) -> int:
         "bind": [f"{host}:{opts.port}"],
         "workers": opts.workers,
         "worker_class": "router.gateway.worker.GatewayWorker",
-        "graceful_timeout": opts.graceful_timeout_s,
+        "graceful_timeout": max(1, math.ceil(opts.graceful_timeout_s)),
         "timeout": 120,
         "keepalive": 5,
         "preload_app": False,  # each worker builds its Router after the fork (threads do not survive one)
