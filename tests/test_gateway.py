@@ -438,6 +438,26 @@ async def test_an_async_client_that_leaves_cancels_the_call(
     await client.close()
 
 
+def test_a_client_that_times_out_waiting_cancels_the_call(r: Router, up: Upstream, registry: CollectorRegistry) -> None:
+    router.preload()  # the first call imports LiteLLM, on the event loop: not inside the timeout
+    up.enqueue("a", Reply(text="too late", delay_s=3))
+    client = router.openai_client(r, max_retries=0, timeout=0.3)
+
+    t0 = time.monotonic()
+    with pytest.raises(openai.APITimeoutError):
+        client.chat.completions.create(model="single", messages=ask())
+
+    assert time.monotonic() - t0 < 2
+    assert sample(registry, "llm_router_requests_total", alias="single", outcome="cancelled") == 1
+    assert (
+        sample(
+            registry, "llm_router_attempts_total", alias="single", provider="a", model="model-a", outcome="cancelled"
+        )
+        == 1
+    )
+    assert sample(registry, "llm_router_in_flight", alias="single") == 0
+
+
 # -- health, readiness, metrics -----------------------------------------------------------------------------------
 
 

@@ -322,6 +322,26 @@ def test_a_client_that_disconnects_mid_stream_cancels_the_provider_request(serve
     assert gw.count("llm_router_in_flight", alias="single") == 0
 
 
+def test_a_client_that_gives_up_waiting_cancels_the_call(server: Serve, up: Upstream) -> None:
+    gw = Target("http", server, None)  # type: ignore[arg-type]
+    up.enqueue("a", Reply(text="too late", delay_s=4))
+    before = gw.count("llm_router_requests_total", alias="single", outcome="cancelled")
+    body = {"model": "single", "messages": ask()}
+
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {GW_SEARCH}"},
+            timeout=0.5,
+        )
+
+    deadline = time.monotonic() + 3
+    while gw.count("llm_router_requests_total", alias="single", outcome="cancelled") == before:
+        assert time.monotonic() < deadline, f"the call was not cancelled:\n{server.output()}"
+        time.sleep(0.05)
+
+
 def test_an_edited_config_is_in_force_within_a_second(server: Serve, config: Path, up: Upstream) -> None:
     write_config(config, up, aliases="fresh: {targets: [a/model-a]}")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=GW_SEARCH, max_retries=0)

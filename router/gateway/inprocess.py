@@ -55,6 +55,8 @@ class Exchange:
             "server": ("llm-router.in-process", 80),
         }
         self._body = body
+        # httpx's read timeout (the OpenAI SDK's `timeout=`): the longest wait for the answer and each piece of it.
+        self._read_s: float | None = (request.extensions.get("timeout") or {}).get("read")
         self._task = asyncio.ensure_future(self._run(app))
 
     async def _run(self, app: Gateway) -> None:
@@ -72,16 +74,26 @@ class Exchange:
         await self._gone.wait()
         return {"type": "http.disconnect"}
 
+    async def _next(self) -> Message:
+        """The app's next message, within the read timeout; past it the client gives up, as over a socket."""
+        if self._read_s is None:
+            return await self._queue.get()
+        try:
+            return await asyncio.wait_for(self._queue.get(), self._read_s)
+        except asyncio.TimeoutError:
+            await self.aclose()  # the app sees the client leave: the call is cancelled
+            raise httpx.ReadTimeout(f"no answer from the router within {self._read_s:g} s") from None
+
     async def start(self) -> tuple[int, list[tuple[bytes, bytes]]]:
         """The answer's status and headers, once the app has sent them."""
-        message = await self._queue.get()
+        message = await self._next()
         if message["type"] != "http.response.start":
             raise httpx.RemoteProtocolError(f"the gateway sent no answer: {self.error!r}") from self.error
         return message["status"], list(message.get("headers", ()))
 
     async def next_body(self) -> bytes | None:
         """The next piece of the body; None at its end."""
-        message = await self._queue.get()
+        message = await self._next()
         if message["type"] != "http.response.body":
             self._queue.put_nowait(_END)  # asked again, it answers the same
             if self.error is not None:
