@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import httpx
     import openai
 
-    from ..client import Router
+    from .. import Router
 
 
 def openai_client(

@@ -73,7 +73,7 @@ def bind_problem(host: str, cfg: RouterConfig, allow_unauthenticated: bool) -> s
 
 def gateway_app(opts: ServeOptions) -> Any:
     """The app of one server process: a Router on the config file, and the Gateway over it."""
-    from ..client import Router
+    from .. import Router
     from .app import Gateway
 
     router = Router.from_yaml(opts.config, watch=opts.watch)
