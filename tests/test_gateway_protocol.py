@@ -30,7 +30,7 @@ from router.gateway import protocol
 from router.gateway.app import Gateway, _route
 from router.gateway.inprocess import InProcessTransport
 from router.gateway.protocol import GatewayError, parse_chat
-from router.gateway.server import bind_problem, is_loopback
+from router.gateway.server import bind_problem, is_loopback, workers_note
 
 
 def config_text(extra: str = "") -> str:
@@ -224,3 +224,11 @@ def test_a_public_gateway_whose_keys_were_reloaded_away_refuses_everyone(make_ro
 )  # fmt: skip
 def test_routes_are_a_fixed_set(path: str, route: str) -> None:
     assert _route(path) == route
+
+
+def test_workers_without_a_shared_state_are_told_so() -> None:
+    memory = parse_config(config_text(), "t.yaml", env=gateway_env())
+    shared = parse_config(config_text("state: {backend: sqlite, path: /tmp/s.db}"), "t.yaml", env=gateway_env())
+
+    assert "state: {backend: sqlite" in (workers_note(memory, 4) or "")
+    assert workers_note(memory, 1) is None and workers_note(shared, 4) is None

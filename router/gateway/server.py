@@ -27,7 +27,7 @@ from typing import Any
 
 from prometheus_client import values
 
-from ..config import RouterConfig
+from ..config import RouterConfig, load_config
 from ..metrics import MULTIPROC_ENV
 
 log = logging.getLogger("router.gateway")
@@ -71,6 +71,16 @@ def bind_problem(host: str, cfg: RouterConfig, allow_unauthenticated: bool) -> s
     )
 
 
+def workers_note(cfg: RouterConfig, workers: int) -> str | None:
+    """What to tell an operator running `workers` workers on this config, or None."""
+    if workers > 1 and cfg.state.backend == "memory":
+        return (
+            f"{workers} workers keep their circuit breakers and benched keys each to itself (state.backend memory): "
+            "each finds a failing provider on its own. Add state: {backend: sqlite, path: ...} to share them"
+        )
+    return None
+
+
 def gateway_app(opts: ServeOptions) -> Any:
     """The app of one server process: a Router on the config file, and the Gateway over it."""
     from .. import Router
@@ -89,6 +99,10 @@ def serve(opts: ServeOptions, argv: Sequence[str]) -> int:
         _reexec_with_metrics_dir(argv)  # does not return
     from .. import api
 
+    if opts.workers > 1:
+        note = workers_note(load_config(opts.config), opts.workers)
+        if note:
+            log.warning("%s", note)
     api.preload()  # LiteLLM once, before serving (and, with workers, before the fork: they share it)
     if opts.workers > 1:
         return _run_gunicorn(opts)
