@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from gateway_server import GATEWAY_KEYS, GW_SEARCH, Serve
+from gateway_server import GATEWAY_KEYS, GW_SEARCH, Serve, sse_frames
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.sandbox import Reply, Upstream
@@ -134,3 +134,19 @@ def test_sighup_reloads_every_worker(server: Serve, config: Path, up: Upstream) 
     assert value(samples, "llm_router_worker_processes") == WORKERS  # reloaded in place: no worker replaced
     up.set_default("w-a", Reply(text="added"))
     assert {a.choices[0].message.content for a in calls(server, 8, "added")} == {"added"}
+
+
+def test_sigterm_lets_streams_in_flight_finish(server: Serve, up: Upstream) -> None:
+    words = [f"w{i} " for i in range(12)]
+    up.enqueue("w-a", Reply(raw_stream=sse_frames(*words), chunk_delays=[0, *([0.1] * 13)]))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=GW_SEARCH, max_retries=0)
+    stream = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}], stream=True)
+    got = [next(stream).choices[0].delta.content or ""]
+
+    server.signal(signal.SIGTERM)  # to the master: every worker stops taking connections, and finishes its answers
+
+    got += [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(got) == "".join(words)
+    assert server.stop() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/healthz")
