@@ -227,6 +227,7 @@ class CallLoop:
         """The call, start to end: hooks first, then the targets; counted and told to the hooks however it ends."""
         m = self.ctx.metrics
         m.request_started(self.alias)
+        snap = self.plan.snap
         try:
             answered = None
             if self.hooks:
@@ -251,6 +252,7 @@ class CallLoop:
             if self.hooks:
                 self.plan.call.outcome = self.final
                 self.hooks.call_finished(self.plan.call, self.result, self.error)
+            snap.leave()  # entered when the call was planned (Router._plan)
 
     def _targets(self) -> Generator[Effect, Any, Result]:
         """Try the plan's targets in order (retries, fallbacks, hedges, one reroute): the Result, or raise."""
