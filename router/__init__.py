@@ -32,6 +32,7 @@ from .errors import (
     UnknownModelError,
     UnknownProviderError,
 )
+from .gateway import async_openai_client, openai_client
 from .hooks import AttemptReport, Call, Hook
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
@@ -64,6 +65,7 @@ __all__ = [
     "Usage",
     "__version__",
     "agenerate",
+    "async_openai_client",
     "config_schema",
     "default_router",
     "exit_worker",
@@ -71,6 +73,7 @@ __all__ = [
     "load_config",
     "mark_process_dead",
     "metrics_registry",
+    "openai_client",
     "parse_config",
     "preload",
     "query_usage",

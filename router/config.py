@@ -512,6 +512,66 @@ def _check_cache(cfg: RouterConfig, src: _Source) -> None:
         )
 
 
+# -- the gateway (llm-router serve) --
+
+# What a gateway key's tags may be: the names and values generate(tags=...) takes. Two names are the gateway's
+# own (the key's name, the request's `user`), so a key has at most 30.
+_GATEWAY_TAG_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
+MIN_GATEWAY_KEY_CHARS = 16
+
+
+class GatewayKeyConfig(_Model):
+    """A client key of the gateway: who holds it (`name`), the secret, the tags its calls carry, its aliases."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    key: SecretStr = Field(description='The secret clients send as "Authorization: Bearer ...": "${VAR}".')
+    tags: dict[Annotated[str, Field(pattern=_GATEWAY_TAG_NAME)], Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=30, description="Tags of every call made with this key (ledger, budgets)."
+    )
+    aliases: list[str] | None = Field(None, min_length=1, description="The aliases this key may use (absent: all).")
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < MIN_GATEWAY_KEY_CHARS:
+            raise ValueError(
+                f"a client key must be at least {MIN_GATEWAY_KEY_CHARS} characters "
+                "(make one with: openssl rand -hex 24)"
+            )
+        return v
+
+
+class GatewayConfig(_Model):
+    """The client keys of `llm-router serve`: with any, every request needs one (Authorization: Bearer)."""
+
+    keys: list[GatewayKeyConfig] = Field(min_length=1, description="The client keys, each with its tags and aliases.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        names = [k.name for k in self.keys]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"key names must be unique: {', '.join(dup)}")
+        seen: dict[str, str] = {}
+        for k in self.keys:
+            other = seen.setdefault(k.key.get_secret_value(), k.name)
+            if other != k.name:  # never the value itself
+                raise ValueError(f"keys {other!r} and {k.name!r} have the same secret: give each client its own")
+        return self
+
+
+def _check_gateway(cfg: RouterConfig, src: _Source) -> None:
+    if cfg.gateway is None:
+        return
+    for i, k in enumerate(cfg.gateway.keys):
+        for j, alias in enumerate(k.aliases or ()):
+            if alias not in cfg.aliases:
+                src.problem(
+                    ("gateway", "keys", i, "aliases", j),
+                    f"alias {alias!r} is not defined under aliases{_suggest(alias, cfg.aliases)}",
+                )
+
+
 class RouterConfig(_Model):
     """The whole config file."""
 
@@ -526,6 +586,7 @@ class RouterConfig(_Model):
     state: StateConfig = StateConfig()
     ledger: LedgerConfig | None = Field(None, description="Record every call (SQLite file or PostgreSQL).")
     budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits, checked before requests.")
+    gateway: GatewayConfig | None = Field(None, description="Client keys of `llm-router serve` (absent: none).")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
@@ -1070,6 +1131,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
     cfg._tiers = tiers
     _check_budgets(cfg, src)
     _check_cache(cfg, src)
+    _check_gateway(cfg, src)
 
 
 def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:

@@ -200,6 +200,12 @@ class RouterMetrics:
         self.state_store_errors = Counter(
             "state_store_errors_total", "Failed exchanges with the shared health-state store.", ["backend"], **kw
         )
+        self.gateway_responses = Counter(
+            "gateway_responses_total",
+            "HTTP answers of the gateway (llm-router serve, openai_client()) by route and status (499: client left).",
+            ["route", "status"],
+            **kw,
+        )
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
         weakref.WeakKeyDictionary()
@@ -298,6 +304,10 @@ class RouterMetrics:
     def hedge_won(self, alias: str, provider: str, model: str) -> None:
         """A hedged request answered first."""
         self.hedge_wins.labels(alias, provider, model).inc()
+
+    def gateway_response(self, route: str, status: int) -> None:
+        """The gateway answered a request to `route` (a fixed set of names) with `status`."""
+        self.gateway_responses.labels(route, str(status)).inc()
 
     def state_store(self, backend: str, up: bool, failed: bool) -> None:
         """The shared state store answered (`up`) or not; `failed`: count one failed exchange."""

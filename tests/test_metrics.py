@@ -67,6 +67,7 @@ METRICS = {
     "state_store_errors": "counter",
     "budget_remaining_usd": "gauge",
     "budget_rejections": "counter",
+    "gateway_responses": "counter",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 
