@@ -298,3 +298,35 @@ def test_the_ledger_is_a_config_section(tmp_path: Path) -> None:
         parse_config(base + 'ledger: {path: x.db, dsn: "postgresql://u:pw@h/db"}\n')
     cfg = parse_config(base + 'ledger: {dsn: "postgresql://u:hunter2@h/db"}\n')
     assert cfg.ledger is not None and "hunter2" not in repr(cfg.ledger)
+
+
+# -- tags are checked at the call ------------------------------------------------------------------------------
+
+BAD_TAGS = [
+    ({"user": "evil\x00"}, ValueError, "'\\x00' at position 4"),
+    ({"user": "line\nbreak"}, ValueError, "'\\n' at position 4"),
+    ({"user": "c1\x85"}, ValueError, "control character"),
+    ({"user": "half\ud800"}, ValueError, "lone surrogate"),
+    ({"tenant\n": "acme"}, ValueError, "tag name 'tenant\\n'"),
+    ({"x" * 65: "acme"}, ValueError, "1-64 characters"),
+    ({"n" * 5000: "acme"}, ValueError, "...'"),  # a huge name is not echoed whole
+    ({7: "acme"}, TypeError, "tag names must be str, not int"),
+    ({"user": b"u-17"}, TypeError, "must have a str value, not bytes"),
+    ({"user": "x" * 257}, ValueError, "longer than 256 characters"),
+]
+
+
+@pytest.mark.parametrize(("tags", "error", "says"), BAD_TAGS)
+def test_bad_tags_are_refused_at_the_call_before_any_request(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path, tags: Any, error: type, says: str
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    r = make_router(extra=ledger_extra(db))
+    with pytest.raises(error) as info:
+        r.generate("hi", tags=tags)
+    assert says in str(info.value) and len(str(info.value)) < 300
+    with pytest.raises(error):
+        asyncio.run(r.agenerate("hi", tags=tags))
+    r.close()
+    assert up.requests("a") == [] and rows(db) == []  # refused before any request: no call to record
+
