@@ -70,7 +70,7 @@ def _ledger(config: RouterConfig, metrics: RouterMetrics) -> Hook | None:
         return None
     from .ledger import Ledger
 
-    return Ledger(config.ledger)
+    return Ledger(config.ledger, metrics=metrics)
 
 
 PLUGINS: tuple[Plugin, ...] = (
