@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 from test_budgets import budget_spent, check_fleet, run_fleet
 from test_ledger import PRICES
 
-from router import BudgetExceededError, query_usage
+from router import BudgetExceededError, DeadlineExceededError, query_usage
 from router.config import LedgerConfig
 from router.hooks import Call, Hook
 from router.plugins.ledger import call_row, dead_letter_path, ledger_of
@@ -279,3 +280,38 @@ def test_a_database_that_starts_read_only_gets_every_row_once_writable(
     r.close()
     assert sorted(g["tags"]["n"] for g in pg_rows(pg_dsn)) == ["0", "1", "2", "3"]
 
+
+# -- a budget never holds a call past its deadline ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_budget_waiting_on_a_held_postgres_lock_ends_by_the_deadline(
+    make_router: MakeRouter,
+    up: Upstream,
+    pg_dsn: str,  # noqa: F811
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    budgets = "budgets:\n  - {name: chat, alias: chat, period: day, limit_usd: 1}\n"
+    r = make_router(extra=pg_extra(pg_dsn, tmp_path / "spool", budgets))
+    up.route("a").set_default(Reply(text="ok", usage=(10, 20)))
+    r.generate("hi", max_tokens=20)
+    locker = psycopg.connect(pg_dsn, autocommit=True)
+    locker.execute("SELECT pg_advisory_lock(7220104)")  # another replica's budget transaction, stuck
+    release = threading.Timer(15, locker.close)  # never hang the suite, whatever the code does
+    release.start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            if mode == "sync":
+                r.generate("hi", max_tokens=20, timeout=1)
+            else:
+                asyncio.run(r.agenerate("hi", max_tokens=20, timeout=1))
+        took = time.monotonic() - t0
+    finally:
+        release.cancel()
+        locker.close()
+    assert 0.9 < took < 1.5, took
+    assert len(up.requests("a")) == 1
+    assert r.generate("hi", max_tokens=20).text == "ok"  # released: calls go through again
+    r.close()
