@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from router import ProviderError, Router, StreamInterruptedError, query_usage
 from router.cli import main
 from router.config import LedgerConfig
-from router.plugins.ledger import DROP_REASONS, Ledger, Spool, dead_letter_path, ledger_of, spool_path
+from router.hooks import Call
+from router.plugins.ledger import DROP_REASONS, Ledger, Spool, call_row, dead_letter_path, ledger_of, spool_path
 from router.plugins.store import CALL_COLUMNS
 from router.sandbox import Reply, Upstream
 from router.usage import read_calls, render
@@ -335,14 +336,10 @@ def test_bad_tags_are_refused_at_the_call_before_any_request(
 # -- one bad row never stops the ledger ------------------------------------------------------------------------
 
 
-def _row(r: Router, **changes: Any) -> tuple[Any, ...]:
+def _row(**changes: Any) -> tuple[Any, ...]:
     """A ledger row as a call would make it, with some columns changed."""
-    from router.hooks import Call
-
     call = Call.new("chat", [], {}, {}, False)
     call.outcome = "success"
-    from router.plugins.ledger import call_row
-
     row = list(call_row(call, None, time.time()))
     for col, value in changes.items():
         row[CALL_COLUMNS.index(col)] = value
@@ -361,8 +358,8 @@ def test_a_row_the_database_refuses_goes_to_the_dead_letter_file_and_the_rest_ar
     led = the_ledger(r)
     for i in range(3):
         r.generate("hi", tags={"n": str(i)})
-    poison = _row(r, alias=None)  # NOT NULL: a row SQLite refuses, as a buggy plugin or an old spool could make
-    wrong_shape = _row(r)[:-2]  # a row of another version's columns
+    poison = _row(alias=None)  # NOT NULL: a row SQLite refuses, as a buggy plugin or an old spool could make
+    wrong_shape = _row()[:-2]  # a row of another version's columns
     led.writer.put(poison)
     led.writer.put(wrong_shape)
     for i in range(3, 6):
@@ -453,7 +450,7 @@ def test_a_spool_written_before_spools_named_their_database_is_replayed_only_at_
 ) -> None:
     db = tmp_path / "ledger.sqlite3"
     r = make_router(extra=ledger_extra(db))
-    old = [_row(r, tags='{"n":"old"}'), _row(r, tags='{"n":"old"}')]
+    old = [_row(tags='{"n":"old"}'), _row(tags='{"n":"old"}')]
     r.close()
     default = Path(f"{db}.spool")
     default.write_text("".join(json.dumps(list(x)) + "\n" for x in old))  # no first line naming the database
@@ -463,7 +460,7 @@ def test_a_spool_written_before_spools_named_their_database_is_replayed_only_at_
     assert sorted(g["tags"]["n"] for g in rows(db)) == ["new", "old", "old"]
 
     elsewhere = tmp_path / "explicit.spool"
-    elsewhere.write_text("".join(json.dumps(list(x)) + "\n" for x in [_row(r, tags='{"n":"stray"}')]))
+    elsewhere.write_text("".join(json.dumps(list(x)) + "\n" for x in [_row(tags='{"n":"stray"}')]))
     r3 = make_router(extra=ledger_extra(db, spool=elsewhere))  # could belong to any database: left alone
     r3.generate("hi", tags={"n": "new2"})
     r3.close()
@@ -578,3 +575,64 @@ def test_a_spool_whose_first_write_was_torn_is_started_again(tmp_path: Path) -> 
     assert spool.replay(got.extend, 10) == (2, 0) and got == [("r1", 1), ("r2", 2)]
     path.write_text('["r3", 3')
     assert spool.replay(got.extend, 10) == (0, 1) and path.stat().st_size == 0
+
+
+def _as_nobody_if_root() -> None:
+    """Drop root in this (forked) process: root writes any file, so a read-only one needs another user."""
+    if os.geteuid() == 0:
+        import pwd
+
+        nobody = pwd.getpwnam("nobody")
+        os.setgid(nobody.pw_gid)
+        os.setuid(nobody.pw_uid)
+
+
+def test_a_sqlite_ledger_that_starts_read_only_is_written_once_writable() -> None:
+    import shutil
+    import tempfile
+    import warnings
+
+    from router.plugins.store import SqliteStore
+
+    work = Path(tempfile.mkdtemp(prefix="llm-router-ro-"))  # not under pytest's 0700 tmp: nobody must reach it
+    try:
+        work.chmod(0o777)
+        db = work / "ledger.sqlite3"
+        with SqliteStore(db).transaction():  # the schema exists; then the file is made read-only
+            pass
+        for f in work.iterdir():
+            f.chmod(0o666)
+        db.chmod(0o444)
+        to_child_r, to_child_w = os.pipe()
+        to_parent_r, to_parent_w = os.pipe()
+        with warnings.catch_warnings():  # 3.12+: fork() in a process with threads; the child starts its own
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # the child: a running process with its ledger open while the file is read-only
+            code = 3
+            try:
+                _as_nobody_if_root()
+                led = Ledger(LedgerConfig(path=str(db), spool_path=str(work / "spool"), flush_interval_s=30))
+                for i in range(3):
+                    led.writer.put(_row(id=f"ro-{i}"))
+                led.flush(10)
+                os.write(to_parent_w, f"{led.writer.written} {led.writer.spooled}\n".encode())
+                os.read(to_child_r, 1)  # the file is writable now
+                led.writer.put(_row(id="ro-3"))
+                led.flush(10)
+                os.write(to_parent_w, f"{led.writer.written}\n".encode())
+                code = 0
+            finally:
+                os._exit(code)
+        try:
+            with os.fdopen(to_parent_r) as from_child:
+                assert from_child.readline().split() == ["0", "3"]  # read-only: every row waits in the spool
+                db.chmod(0o666)
+                os.write(to_child_w, b"g")
+                assert from_child.readline().strip() == "4"  # the same process writes them all once writable
+        finally:
+            _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert sorted(g["id"] for g in rows(db)) == ["ro-0", "ro-1", "ro-2", "ro-3"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -155,12 +155,18 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN: the connection, not the data, is at fault. A file opened
+# while it was read-only stays read-only in that connection after a chmod; a new connection sees it writable.
+_REOPEN_ON = (8, 10, 14)
+
+
 class SqliteStore(Store):
     """A SQLite file in WAL mode; writers across threads and processes are serialised by SQLite's own lock.
 
     The file is checked before every transaction: if it was deleted or replaced (its directory removed by a
     cleanup job), the connection, which would go on writing into the unlinked file, is reopened on the path,
-    and a directory that existed once is made again.
+    and a directory that existed once is made again. A connection that failed for its own state (opened
+    while the file was read-only, an I/O error) is reopened by the next transaction.
     """
 
     dialect = "sqlite"
@@ -211,10 +217,12 @@ class SqliteStore(Store):
             try:
                 yield Cursor(conn.cursor(), pg=False)
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
+                    self._drop()
+                if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _REOPEN_ON:
                     self._drop()
                 raise
         finally:
