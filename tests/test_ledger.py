@@ -624,6 +624,8 @@ def test_a_sqlite_ledger_that_starts_read_only_is_written_once_writable() -> Non
                 code = 0
             finally:
                 os._exit(code)
+        os.close(to_parent_w)
+        os.close(to_child_r)
         try:
             with os.fdopen(to_parent_r) as from_child:
                 assert from_child.readline().split() == ["0", "3"]  # read-only: every row waits in the spool
@@ -631,6 +633,7 @@ def test_a_sqlite_ledger_that_starts_read_only_is_written_once_writable() -> Non
                 os.write(to_child_w, b"g")
                 assert from_child.readline().strip() == "4"  # the same process writes them all once writable
         finally:
+            os.close(to_child_w)  # a child still waiting reads the end of the pipe and exits
             _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert sorted(g["id"] for g in rows(db)) == ["ro-0", "ro-1", "ro-2", "ro-3"]
