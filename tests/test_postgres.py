@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import threading
 import time
 import uuid
@@ -179,6 +181,7 @@ def test_rows_postgres_refuses_are_dead_lettered_and_the_rest_written(
     r.generate("hi", tags={"n": "poison", "poison": "1"})  # JSON text with \u0000: PostgreSQL refuses it
     led.writer.put(_row(provider="nul\x00here"))  # refused by psycopg before it is sent
     led.writer.put(_row(model="half\ud800"))  # not UTF-8
+    led.writer.put(_row(id=base64.b64encode(os.urandom(9000)).decode()))  # too large for the primary key's index
     for i in range(3, 6):
         r.generate("hi", tags={"n": str(i)})
     assert led.flush(20)  # all of it one batch
@@ -187,10 +190,10 @@ def test_rows_postgres_refuses_are_dead_lettered_and_the_rest_written(
     assert sorted(g["tags"]["n"] for g in pg_rows(pg_dsn)) == [str(i) for i in range(7)]
     dead = [json.loads(line) for line in dead_letter_path(spool).read_text().splitlines()]
     reasons = sorted(d["reason"].split(":")[0] for d in dead)
-    assert reasons == ["DataError", "UnicodeEncodeError", "UntranslatableCharacter"], reasons
+    assert reasons == ["DataError", "ProgramLimitExceeded", "UnicodeEncodeError", "UntranslatableCharacter"], reasons
     poisoned = next(d for d in dead if d["reason"].startswith("Untranslatable"))
     assert json.loads(poisoned["row"]["tags"]) == {"n": "poison", "poison": "1", "user": "evil\x00"}
-    assert registry.get_sample_value("llm_router_ledger_rows_dropped_total", {"reason": "rejected"}) == 3
+    assert registry.get_sample_value("llm_router_ledger_rows_dropped_total", {"reason": "rejected"}) == 4
     assert not spool.exists() or spool.stat().st_size == 0
 
 
