@@ -435,7 +435,9 @@ class LedgerConfig(_Model):
     )
     batch_size: PositiveInt = Field(500, description="At most this many rows per write.")
     spool_path: str | None = Field(
-        None, description="Local file rows wait in while the database is down (default: next to the SQLite file or ./)."
+        None,
+        description="Local file rows wait in while the database is down (default: next to the SQLite file, or "
+        "for PostgreSQL a file named by the database in $XDG_STATE_HOME/llm-router).",
     )
 
     @model_validator(mode="after")

@@ -55,13 +55,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("router")
 
-_TAG_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_TAG_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+# C0 and C1 control characters (NUL included) and lone surrogates: a database refuses them or stores them mangled.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 MAX_TAGS = 32
 MAX_TAG_VALUE = 256
 
 
 def check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
-    """Validate `generate(tags=...)`: at most 32 names of [A-Za-z0-9_.-] (1-64 chars) with str values."""
+    """Validate `generate(tags=...)`: at most 32 names of [A-Za-z0-9_.-] (1-64 chars), each with a str value of
+    at most 256 printable characters (no NUL or other control character)."""
     if tags is None:
         return {}
     if not isinstance(tags, Mapping):
@@ -70,14 +73,28 @@ def check_tags(tags: Mapping[str, Any] | None) -> dict[str, str]:
         raise ValueError(f"tags takes at most {MAX_TAGS} entries, not {len(tags)}")
     out: dict[str, str] = {}
     for name, value in tags.items():
-        if not isinstance(name, str) or not _TAG_NAME.match(name):
-            raise ValueError(f"tag name {name!r} must be 1-64 characters of letters, digits, '_', '.' or '-'")
+        if not isinstance(name, str):
+            raise TypeError(f"tag names must be str, not {type(name).__name__}")
+        if not _TAG_NAME.fullmatch(name):
+            raise ValueError(f"tag name {_short(name)} must be 1-64 characters of letters, digits, '_', '.' or '-'")
         if not isinstance(value, str):
             raise TypeError(f"tag {name!r} must have a str value, not {type(value).__name__}")
         if len(value) > MAX_TAG_VALUE:
-            raise ValueError(f"tag {name!r} is longer than {MAX_TAG_VALUE} characters")
+            raise ValueError(f"tag {name!r} is longer than {MAX_TAG_VALUE} characters ({len(value)})")
+        bad = _UNSAFE.search(value)
+        if bad is not None:
+            raise ValueError(
+                f"tag {name!r} holds {bad.group()!r} at position {bad.start()}: tag values must be printable "
+                "text (no NUL, control character or lone surrogate); strip or escape it before tagging"
+            )
         out[name] = value
     return out
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """repr() of `text`, cut to `limit` characters: an error message never carries a huge input."""
+    r = repr(text)
+    return r if len(r) <= limit else r[: limit - 4] + "...'"
 
 
 @dataclass
