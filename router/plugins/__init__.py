@@ -25,7 +25,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Hashable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from ..config import RouterConfig
     from ..hooks import Hook
     from ..metrics import RouterMetrics
-    from .store import Cursor, Store
+    from .store import Store
 
 log = logging.getLogger("router")
 
