@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import replace
 from typing import Any
@@ -35,7 +36,7 @@ from .loop import (
     StreamStep,
     WaitStep,
 )
-from .streams import StreamState, within
+from .streams import StreamState, close_later, within
 from .types import Result
 
 # -- the drivers ------------------------------------------------------------------------------------------------
@@ -357,6 +358,11 @@ class _StreamBase:
         if rewrite is not None:
             state.shown = []
         self.result: Result | None = None
+        if loop is not None:
+            # A stream dropped unread: its loop (which counts the attempt and runs the after-hooks) is closed on
+            # the closer thread, never in whatever thread the garbage collector happens to run in, which may hold
+            # a lock a hook takes (the ledger's queue, a span's) mid-request.
+            self._finalizer = weakref.finalize(self, close_later, loop)
 
     @property
     def text(self) -> str:
@@ -397,6 +403,7 @@ class _StreamBase:
     def _finish(self, error: BaseException | None) -> None:
         # The loop accounts for the stream: it returns the Result, or raises StreamInterruptedError.
         self._done = True
+        self._disown()
         self._state.error = error
         if self._loop is None:  # a replay: the call is already accounted for
             self.result = self._answer
@@ -409,6 +416,7 @@ class _StreamBase:
     def _failed(self, exc: HookFailedError) -> None:
         """A rewrite failed: the loop counts the stream as stopped and the call as failed; raises `exc`."""
         self._done = True
+        self._disown()
         if self._loop is not None:
             try:
                 self._loop.throw(exc)
@@ -419,7 +427,14 @@ class _StreamBase:
         if self._done:
             return False
         self._done = True
+        self._disown()
         return True
+
+    def _disown(self) -> None:
+        """The stream ends here, on the caller's thread: nothing is left for the finalizer."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
 
 
 class Stream(_StreamBase):

@@ -93,6 +93,12 @@ def _close_forever() -> None:
         close_quietly(_closing.get())
 
 
+def close_later(thing: Any) -> None:
+    """Have `thing` closed on the closer thread, not this one (safe from a finalizer: a queue put)."""
+    _start_closer()
+    _closing.put(thing)
+
+
 def _abandoned(pump: _Pump) -> None:
     """Finalizer of a dropped stream: tell its pump to stop and leave the closing to the closer thread."""
     pump.stopped = True
