@@ -485,7 +485,7 @@ class CallLoop:
         m, target, clock = self.ctx.metrics, flight.target, self.ctx.clock
         m.first_token(self.alias, target.provider, target.model, clock() - flight.t0)
         if self.plan.hedge is not None:
-            self.ctx.latencies.add(target.key, True, clock() - flight.t0)
+            self.ctx.latencies.add((self.alias, target.key), True, clock() - flight.t0)
         rewrite = partial(self.hooks.rewrite_text, self.plan.call) if self.hooks.text_rewriters else None
         try:
             yield StreamStep(state, rewrite)  # the caller reads the stream; we are resumed when it ends or breaks
@@ -557,7 +557,7 @@ class CallLoop:
         target, took = flight.target, flight.took
         self.ctx.metrics.attempt(self.alias, target.provider, target.model, outcome, took)
         if self.plan.hedge is not None and outcome == "success" and not self.plan.stream:
-            self.ctx.latencies.add(target.key, False, took)
+            self.ctx.latencies.add((self.alias, target.key), False, took)
         error, status = (failure.message, failure.status_code) if failure is not None else (None, None)
         attempt = Attempt(target.provider, target.model, outcome, took, error, status)
         if listed:
@@ -614,7 +614,7 @@ class CallLoop:
         assert cfg is not None
         seen = None
         if cfg.after_percentile is not None:
-            seen = self.ctx.latencies.percentile(first[0].key, self.plan.stream, cfg.after_percentile)
+            seen = self.ctx.latencies.percentile((self.alias, first[0].key), self.plan.stream, cfg.after_percentile)
         delay = hedge.hedge_delay(cfg.after_s, cfg.after_percentile, seen)
         racing: dict[int, InFlight] = {}
         last: tuple[Failure, Any] | None = None
@@ -731,8 +731,6 @@ class CallLoop:
                 outcome = failure.outcome
             if bill is not None:
                 also += bill.cost
-            if outcome == cut:  # at least this slow: keeps the tail in the percentile
-                self.ctx.latencies.add(flight.target.key, self.plan.stream, flight.took)
             self._attempted(flight, outcome, bill=bill, failure=failure)
         racing.clear()
         return also
