@@ -225,11 +225,6 @@ def wire(config: RouterConfig, metrics: RouterMetrics, pool: Pool) -> tuple[list
     return hooks, keys
 
 
-def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
-    """The hooks a config's sections ask for, in the order of `PLUGINS`, built afresh (not pooled)."""
-    return wire(config, metrics, Pool())[0]
-
-
 class _Borrowed:
     """A shared store lent to one hook: everything but close() is the store's; close() gives it back to the pool."""
 
@@ -250,5 +245,5 @@ class _Borrowed:
         return repr(self._store)
 
 
-__all__ = ["PLUGINS", "Plugin", "Pool", "config_hooks", "identity", "wire"]
+__all__ = ["PLUGINS", "Plugin", "Pool", "identity", "wire"]
 

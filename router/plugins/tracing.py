@@ -1,7 +1,7 @@
 """OpenTelemetry traces: a span per call and a child span per attempt, by the GenAI semantic conventions.
 
-`config_hooks` builds a `TracingHook` when the config has a `tracing:` section; this module is imported only
-then, and needs the `otel` extra (``pip install 'llm-router[otel]'``). Spans go to the global tracer provider
+The plugin table (`router.plugins`) builds a `TracingHook` when the config has a `tracing:` section; this module
+is imported only then, and needs the `otel` extra (``pip install 'llm-router[otel]'``). Spans go to the global tracer provider
 (or the one given), so the application decides where they are exported; with none configured they cost next
 to nothing. A call's trace::
 
