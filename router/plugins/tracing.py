@@ -1,9 +1,9 @@
 """OpenTelemetry traces: a span per call and a child span per attempt, by the GenAI semantic conventions.
 
 The plugin table (`router.plugins`) builds a `TracingHook` when the config has a `tracing:` section; this module
-is imported only then, and needs the `otel` extra (``pip install 'llm-router[otel]'``). Spans go to the global tracer provider
-(or the one given), so the application decides where they are exported; with none configured they cost next
-to nothing. A call's trace::
+is imported only then, and needs the `otel` extra (``pip install 'llm-router[otel]'``). Spans go to the global
+tracer provider (or the one given), so the application decides where they are exported; with none configured they
+cost next to nothing. A call's trace::
 
     chat {alias}        INTERNAL  the generate() call: gen_ai.request.model is the alias; at its end the model
     │                             that answered, usage, llm_router.outcome, .cost_usd, .cost_source, .fallbacks
