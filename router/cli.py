@@ -1,4 +1,4 @@
-"""The `llm-router` command: validate | explain | generate | usage | serve | demo | schema.
+"""The `llm-router` command: validate | explain | check | generate | usage | serve | demo | schema.
 
 `validate`, `explain`, `usage` and `schema` never import litellm, so they answer in well under a second.
 Exit codes: 0 fine, 1 the config or the call failed, 2 the command line is wrong.
@@ -89,6 +89,27 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 0
     finally:
         r.close()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Send each target the cheapest request that proves it works; exit 1 if an alias has no working target."""
+    from .check import WARNING, check_config, failing_aliases, render_json, render_table, verdict
+
+    cfg = load_config(args.config)
+    aliases = list(dict.fromkeys(args.aliases)) or list(cfg.aliases)
+    unknown = [a for a in aliases if a not in cfg.aliases]
+    if unknown:
+        _err(f"llm-router check: unknown alias {', '.join(map(repr, unknown))} (aliases: {', '.join(cfg.aliases)})")
+        return 2
+    _err(WARNING)
+    checks = check_config(cfg, aliases, parallel=args.parallel, timeout_s=args.timeout)
+    failing = failing_aliases(aliases, checks)
+    if args.format == "json":
+        print(render_json(checks, aliases))
+        _err(f"llm-router check: {verdict(failing, len(aliases))}")
+    else:
+        print(render_table(checks, aliases))
+    return 1 if failing else 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -203,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("file", metavar="FILE")
     e.add_argument("alias", nargs="?", metavar="ALIAS")
     e.set_defaults(func=cmd_explain)
+
+    c = sub.add_parser(
+        "check",
+        help="send each target one tiny real request (may be billed); exit 1 if an alias would fail every call",
+    )
+    c.add_argument(
+        "-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)"
+    )
+    c.add_argument("aliases", nargs="*", metavar="ALIAS", help="aliases to check (default: all)")
+    c.add_argument("--format", choices=["table", "json"], default="table")
+    c.add_argument("--parallel", type=_positive_int, default=8, help="requests at once (default: %(default)s)")
+    c.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=10.0,
+        help="bound on each request in seconds, or the target's timeout_s if smaller (default: %(default)s)",
+    )
+    c.set_defaults(func=cmd_check)
 
     g = sub.add_parser("generate", help="one call: text on stdout, provider/tokens/cost/latency on stderr")
     g.add_argument("prompt", help="the prompt, or - to read it from stdin")
