@@ -31,6 +31,7 @@ from .errors import (
     StreamInterruptedError,
     UnknownModelError,
     UnknownProviderError,
+    UnknownTagError,
 )
 from .gateway import async_openai_client, openai_client
 from .hooks import AttemptReport, Call, Hook
@@ -62,6 +63,7 @@ __all__ = [
     "Target",
     "UnknownModelError",
     "UnknownProviderError",
+    "UnknownTagError",
     "Usage",
     "__version__",
     "agenerate",

@@ -4,6 +4,8 @@ The hierarchy::
 
     RouterError                              base of everything below
     ├── ConfigError (ValueError)             the YAML is missing, malformed or invalid   .problems
+    ├── UnknownTagError (ValueError)         query_usage(by=...) names a tag no call of  .tag .known
+    │                                        the window carries (a typo)
     ├── UnknownModelError (KeyError)         generate(model=...) names no alias          .alias .suggestions
     ├── UnknownProviderError (KeyError)      generate(provider=...) matches no target    .provider .alias
     ├── MissingCredentialsError              every target was skipped for want of a key  .alias .env_vars .skipped
@@ -59,6 +61,19 @@ class ConfigError(RouterError, ValueError):
 
     def __str__(self) -> str:
         return "\n".join(str(p) for p in self.problems)
+
+
+class UnknownTagError(RouterError, ValueError):
+    """A usage query groups by a tag that no call of its time window carries: most likely a typo."""
+
+    def __init__(self, tag: str, known: Sequence[str]) -> None:
+        self.tag = tag
+        self.known = list(known)
+        names = ", ".join(self.known) if self.known else "none: no call of the window has tags"
+        super().__init__(
+            f"no call in the time window carries the tag {tag!r}; tags that exist: {names} "
+            "(or group by alias, provider, model, key, outcome, cost_source, rerouted_to, day, hour)"
+        )
 
 
 class UnknownModelError(RouterError, KeyError):

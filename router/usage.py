@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from .errors import UnknownTagError
+
 if TYPE_CHECKING:
     from .config import LedgerConfig, RouterConfig
 
@@ -109,7 +111,7 @@ def query_usage(
         for name in by:
             if name in COLUMNS:
                 exprs.append(COLUMNS[name])
-            elif name in ("day", "hour"):
+            elif not is_tag(name):
                 exprs.append(store.time_expr(name))
             else:
                 exprs.append(store.tag_expr())
@@ -123,6 +125,10 @@ def query_usage(
         )
         with store.transaction() as cur:
             rows = cur.execute(sql, (*params, start, end)).fetchall()
+            missing = _absent_tag(by, rows)
+            if missing is not None:
+                known = [str(r[0]) for r in cur.execute(store.tag_names_sql(), (start, end)).fetchall()]
+                raise UnknownTagError(missing, known)
     finally:
         store.close()
     n = len(exprs)
@@ -141,6 +147,21 @@ def query_usage(
     ]
     out.sort(key=lambda u: (-u.cost_nusd, -u.calls, [v or "" for v in u.group.values()]))
     return out
+
+
+def is_tag(name: str) -> bool:
+    """Whether a `by` name groups by a tag (anything that is not a column, day or hour)."""
+    return name not in COLUMNS and name not in ("day", "hour")
+
+
+def _absent_tag(by: Sequence[str], rows: Sequence[Sequence[Any]]) -> str | None:
+    """The first tag of `by` that no row carries (its value is NULL in every group), when there are rows at all:
+    grouping by it shows every call as one `(none)` group, which is never what was meant."""
+    live = [r for r in rows if int(r[len(by)])]
+    for i, name in enumerate(by):
+        if is_tag(name) and live and all(r[i] is None for r in live):
+            return name.removeprefix("tag:")
+    return None
 
 
 def read_calls(
@@ -174,36 +195,39 @@ def read_calls(
 
 
 _HEAD = ("calls", "errors", "input_tokens", "output_tokens", "cost_usd", "failed_cost_usd")
+NONE = "(none)"  # a group of calls without the tag (or the column's value): never a blank cell that reads as "ditto"
 
 
 def _values(u: UsageRow) -> list[Any]:
     return [u.calls, u.errors, u.input_tokens, u.output_tokens, f"{u.cost_usd:.9f}", f"{u.failed_cost_usd:.9f}"]
 
 
+def as_json(u: UsageRow) -> dict[str, Any]:
+    """One row as JSON: USD as numbers, with the exact integer nano-USD beside them (null: no such tag)."""
+    return {
+        **u.group,
+        "calls": u.calls,
+        "errors": u.errors,
+        "input_tokens": u.input_tokens,
+        "output_tokens": u.output_tokens,
+        "cost_usd": u.cost_usd,
+        "cost_nusd": u.cost_nusd,
+        "failed_cost_usd": u.failed_cost_usd,
+        "failed_cost_nusd": u.failed_cost_nusd,
+    }
+
+
 def render(rows: Sequence[UsageRow], by: Sequence[str], fmt: str = "table") -> str:
     """Usage rows as an aligned table (with a total line), CSV or JSON."""
     head = [*by, *_HEAD]
     if fmt == "json":
-        return json.dumps(
-            [
-                {
-                    **u.group,
-                    "calls": u.calls,
-                    "errors": u.errors,
-                    "input_tokens": u.input_tokens,
-                    "output_tokens": u.output_tokens,
-                    "cost_usd": f"{u.cost_usd:.9f}",
-                    "failed_cost_usd": f"{u.failed_cost_usd:.9f}",
-                }
-                for u in rows
-            ],
-            indent=2,
-        )
-    body = [[*("" if v is None else v for v in u.group.values()), *_values(u)] for u in rows]
+        return json.dumps([as_json(u) for u in rows], indent=2)
     if fmt == "csv":
         import csv
         import io
 
+        # a machine's format: an empty field is NULL, as CSV readers take it
+        body = [[*("" if v is None else v for v in u.group.values()), *_values(u)] for u in rows]
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(head)
@@ -211,6 +235,7 @@ def render(rows: Sequence[UsageRow], by: Sequence[str], fmt: str = "table") -> s
         return buf.getvalue().rstrip("\n")
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}: table, csv or json")
+    body = [[*(NONE if v is None else v for v in u.group.values()), *_values(u)] for u in rows]
     total = UsageRow(
         {},
         sum(u.calls for u in rows),

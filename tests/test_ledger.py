@@ -17,7 +17,7 @@ import pytest
 from conftest import KEY_A, KEY_B, MakeRouter, standard_config
 from prometheus_client import CollectorRegistry, generate_latest
 
-from router import ProviderError, Router, StreamInterruptedError, query_usage
+from router import ProviderError, Router, StreamInterruptedError, UnknownTagError, query_usage
 from router.cli import main
 from router.config import LedgerConfig
 from router.hooks import Call
@@ -265,7 +265,10 @@ def test_the_usage_command_prints_table_csv_and_json(
     assert main(["usage", "-c", str(cfg), "--since", "24h", "--by", "tenant,provider", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [(d["tenant"], d["provider"], d["calls"]) for d in data] == [("acme", "a", 2), ("globex", "a", 1)]
-    assert data[0]["cost_usd"] == f"{2 * (10 * 1e-6 + 20 * 2e-6):.9f}"
+    assert data[0]["cost_nusd"] == 2 * (10 * 1_000 + 20 * 2_000)  # exact: integer nano-USD
+    assert data[0]["cost_usd"] == pytest.approx(2 * (10 * 1e-6 + 20 * 2e-6))  # a number, not a string
+    assert isinstance(data[0]["cost_usd"], float) and isinstance(data[0]["cost_nusd"], int)
+    assert (data[0]["failed_cost_usd"], data[0]["failed_cost_nusd"]) == (0.0, 0)
 
     assert main(["usage", "-c", str(cfg), "--by", "tenant", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -282,6 +285,52 @@ def test_the_usage_command_prints_table_csv_and_json(
     bare.write_text(cfg.read_text().split("\nledger:")[0] + "\n")
     assert main(["usage", "-c", str(bare)]) == 1
     assert "has no ledger: section" in capsys.readouterr().err
+
+
+def test_usage_by_a_tag_no_call_carries_exits_1_naming_the_tags_that_exist(
+    up: Upstream, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "ledger.sqlite3"
+    cfg = _config_file(tmp_path, up, db)
+    r = Router.from_yaml(cfg, registry=CollectorRegistry())
+    up.route("a").set_default(Reply(text="ok", usage=(10, 20)))
+    r.generate("hi", tags={"tenant": "acme", "user": "u-1"})
+    r.generate("hi", tags={"tenant": "globex", "team": "search"})
+    r.generate("hi")
+    r.close()
+
+    for by in ("tenent", "provider,tenent", "tag:tenent"):
+        assert main(["usage", "-c", str(cfg), "--by", by]) == 1, by
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert "no call in the time window carries the tag 'tenent'" in err
+        assert "tags that exist: team, tenant, user" in err
+    with pytest.raises(UnknownTagError) as caught:
+        query_usage(cfg, since="1h", by=["tenent"])
+    assert (caught.value.tag, caught.value.known) == ("tenent", ["team", "tenant", "user"])
+
+    # a tag some calls carry is fine, and the calls without it are a group of their own, shown as (none)
+    assert main(["usage", "-c", str(cfg), "--by", "team"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines[1:3]] == [["(none)", "2"], ["search", "1"]]
+    assert main(["usage", "-c", str(cfg), "--by", "team", "--format", "json"]) == 0
+    assert [(d["team"], d["calls"]) for d in json.loads(capsys.readouterr().out)] == [(None, 2), ("search", 1)]
+    assert main(["usage", "-c", str(cfg), "--by", "team", "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(",2,")  # CSV: an empty field is NULL
+    # a window with no calls at all says nothing about the name: an empty table, not an error
+    assert main(["usage", "-c", str(cfg), "--by", "tenent", "--since", "2001-01-01", "--until", "2001-01-02"]) == 0
+
+
+def test_the_usage_table_shows_a_missing_value_as_none_never_a_blank_cell() -> None:
+    from router.usage import UsageRow
+
+    rows = [
+        UsageRow({"tenant": "acme", "key": None}, 2, 0, 1, 1, 5, 0),
+        UsageRow({"tenant": None, "key": "team-a"}, 1, 0, 1, 1, 3, 0),
+    ]
+    table = render(rows, ["tenant", "key"]).splitlines()
+    assert table[1].split()[:2] == ["acme", "(none)"]
+    assert table[2].split()[:2] == ["(none)", "team-a"]
 
 
 def test_the_ledger_is_a_config_section(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 from test_budgets import budget_spent, check_fleet, run_fleet
 from test_ledger import PRICES
 
-from router import BudgetExceededError, DeadlineExceededError, query_usage
+from router import BudgetExceededError, DeadlineExceededError, UnknownTagError, query_usage
 from router.config import LedgerConfig
 from router.hooks import Call, Hook
 from router.plugins.ledger import call_row, dead_letter_path, ledger_of
@@ -48,6 +48,9 @@ def test_rows_and_usage_on_postgres(make_router: MakeRouter, up: Upstream, pg_ds
         ("globex", 1, got[2]["cost_nusd"]),
     ]
     assert usage[0].group["day"] == time.strftime("%Y-%m-%d", time.gmtime())
+    with pytest.raises(UnknownTagError) as caught:  # a typo: the tags that exist, by PostgreSQL's jsonb
+        query_usage(r.config, since="1h", by=["day", "tenent"])
+    assert (caught.value.tag, caught.value.known) == ("tenent", ["tenant", "user"])
 
 
 def test_a_postgres_restart_under_load_loses_no_row(

@@ -115,6 +115,10 @@ class Store:
         """SQL formatting `ts` (unix seconds) as UTC text: fmt is 'day' or 'hour'."""
         raise NotImplementedError
 
+    def tag_names_sql(self) -> str:
+        """SQL selecting the tag names the calls of [?, ?) carry, each once, in order."""
+        raise NotImplementedError
+
     def insert_calls(self, rows: Sequence[Sequence[Any]]) -> None:
         """Insert ledger rows (in CALL_COLUMNS order); a row whose id is already there is left as it is."""
         cols = ", ".join(CALL_COLUMNS)
@@ -245,6 +249,11 @@ class SqliteStore(Store):
         pattern = "%Y-%m-%d" if fmt == "day" else "%Y-%m-%dT%H:00Z"
         return f"strftime('{pattern}', ts, 'unixepoch')"
 
+    def tag_names_sql(self) -> str:
+        return (
+            "SELECT DISTINCT j.key FROM llm_calls, json_each(llm_calls.tags) AS j WHERE ts >= ? AND ts < ? ORDER BY 1"
+        )
+
     def __repr__(self) -> str:
         return f"<SqliteStore {self.path}>"
 
@@ -323,6 +332,9 @@ class PostgresStore(Store):
     def time_expr(self, fmt: str) -> str:
         pattern = "YYYY-MM-DD" if fmt == "day" else 'YYYY-MM-DD"T"HH24":00Z"'
         return f"to_char(to_timestamp(ts) AT TIME ZONE 'UTC', '{pattern}')"
+
+    def tag_names_sql(self) -> str:
+        return "SELECT DISTINCT k FROM llm_calls, jsonb_object_keys(tags) AS k WHERE ts >= ? AND ts < ? ORDER BY 1"
 
     def __repr__(self) -> str:  # never the DSN: it may hold a password
         return "<PostgresStore>"
