@@ -159,6 +159,13 @@ class RouterMetrics:
             multiprocess_mode="livemin",
             **kw,
         )
+        self.budget_limit_usd = Gauge(
+            "budget_limit_usd",
+            "Each budget's limit in USD per period (per-tag budgets: not reported).",
+            ["budget"],
+            multiprocess_mode="livemax",
+            **kw,
+        )
         self.budget_rejections = Counter(
             "budget_rejections_total",
             "Requests a budget refused or rerouted before sending, by reason (limit, unpriced, unavailable, deadline).",
@@ -328,8 +335,8 @@ class RouterMetrics:
     def state_store(self, backend: str, up: bool, failed: bool) -> None:
         """The shared state store answered (`up`) or not; `failed`: count one failed exchange."""
         self.state_store_up.labels(backend).set(1 if up else 0)
-        if failed:
-            self.state_store_errors.labels(backend).inc()
+        # The series exists from the first exchange on, at 0: increase() then sees the first error too.
+        self.state_store_errors.labels(backend).inc(1 if failed else 0)
 
     def budget_rejected(self, budget: str, reason: str) -> None:
         """A budget refused (or rerouted) a request before it was sent."""
@@ -338,6 +345,10 @@ class RouterMetrics:
     def budget_remaining(self, budget: str, usd: float) -> None:
         """What is left of a budget's current period."""
         self.budget_remaining_usd.labels(budget).set(usd)
+
+    def budget_limit(self, budget: str, usd: float) -> None:
+        """A budget's limit per period (with `budget_remaining`, the share spent: what BudgetNearlySpent reads)."""
+        self.budget_limit_usd.labels(budget).set(usd)
 
     def ledger_dropped(self, reason: str, rows: int) -> None:
         """Ledger rows that reached no database (0: make the series exist)."""

@@ -112,6 +112,7 @@ def test_a_spent_budget_refuses_before_any_request(
     labels = {"budget": "chat-month", "reason": "limit"}
     assert registry.get_sample_value("llm_router_budget_rejections_total", labels) == 1
     assert registry.get_sample_value("llm_router_budget_remaining_usd", {"budget": "chat-month"}) == pytest.approx(0)
+    assert registry.get_sample_value("llm_router_budget_limit_usd", {"budget": "chat-month"}) == 0.3
     assert registry.get_sample_value("llm_router_requests_total", {"alias": "chat", "outcome": "budget_exceeded"}) == 1
     assert [g["outcome"] for g in read_calls(LedgerConfig(path=str(db)), since=0)].count("budget_exceeded") == 1
 

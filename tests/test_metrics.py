@@ -66,6 +66,7 @@ METRICS = {
     "state_store_up": "gauge",
     "state_store_errors": "counter",
     "budget_remaining_usd": "gauge",
+    "budget_limit_usd": "gauge",
     "budget_rejections": "counter",
     "gateway_responses": "counter",
     "ledger_rows_dropped": "counter",

@@ -51,19 +51,28 @@ providers:
     api_key: [{name: team-a, key: sk-obs-team-a-000000}, {name: team-b, key: sk-obs-team-b-000000}]
   cut: {kind: openai, api_base: "{UP}/cut/v1", api_key: sk-obs-cut-000000}
   premium: {kind: openai, api_base: "{UP}/fast/v1", api_key: "${LLM_ROUTER_OBS_TEST_UNSET_KEY}"}
+  slow: {kind: openai, api_base: "{UP}/slow/v1", api_key: sk-obs-slow-000000}
 aliases:
   chat: {targets: [flaky/sim-large, fast/sim-large]}
   premium: {targets: [premium/sim-xl, fast/sim-small]}
   free: {targets: [fast/unpriced]}
   doomed: {targets: [flaky/sim-large]}
   story: {targets: [cut/sim-large]}
+  faq: {targets: [fast/sim-large], cache: {ttl_s: 3600}}
+  racing: {targets: [slow/sim-large, fast/sim-small], hedge: {after_s: 0.05}}
+  capped: {targets: [fast/sim-small]}
 pricing:
   flaky/sim-large: {input_per_1m: 3.0, output_per_1m: 15.0}
   fast/sim-large: {input_per_1m: 2.5, output_per_1m: 10.0}
   fast/sim-small: {input_per_1m: 0.15, output_per_1m: 0.6}
   premium/sim-xl: {input_per_1m: 15.0, output_per_1m: 75.0}
   cut/sim-large: {input_per_1m: 1.0, output_per_1m: 4.0}
+  slow/sim-large: {input_per_1m: 1.0, output_per_1m: 4.0}
 ledger: {path: "{LEDGER}", flush_interval_s: 0.2}
+budgets:
+  - {name: chat-month, alias: chat, period: month, limit_usd: 1000}
+  - {name: capped, alias: capped, period: month, limit_usd: 0.0001}
+state: {backend: sqlite, path: "{STATE}", sync_s: 0.2}
 """
 
 
@@ -116,6 +125,12 @@ def _round(r: Router, config: Path, good: str, t: Traffic) -> None:
     except RouterError:
         pass
     "".join(r.generate("tell me", stream=True, key="team-b"))
+    r.generate("what are your opening hours?", model="faq")  # answered from the cache after the first round
+    r.generate("hi", model="racing")  # slow takes 0.3 s: a hedge to fast after 0.05 s wins
+    try:
+        r.generate("hi", model="capped", max_tokens=30)  # its budget takes ~5 calls, then refuses (reason limit)
+    except RouterError:
+        pass
     try:
         "".join(r.generate("tell me", model="story", stream=True))
     except RouterError:  # cut after two chunks: StreamInterruptedError
@@ -134,8 +149,13 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         up.set_default("flaky", Reply(status=503, error="SIMULATED outage"))
         up.set_default("fast", Reply(usage=(12, 30)))
         up.set_default("cut", Reply(text="one two three four five six seven", cut_after=2))
+        up.set_default("slow", Reply(usage=(12, 30), delay_s=0.3))
         work = tmp_path_factory.mktemp("obs")
-        good = CONFIG.replace("{UP}", up.url).replace("{LEDGER}", str(work / "ledger.sqlite3"))
+        good = (
+            CONFIG.replace("{UP}", up.url)
+            .replace("{LEDGER}", str(work / "ledger.sqlite3"))
+            .replace("{STATE}", str(work / "state.db"))
+        )
         path = work / "router.yaml"
         path.write_text(good)
         registry = CollectorRegistry()
@@ -248,7 +268,7 @@ def finite(result: list[dict[str, Any]]) -> bool:
 
 def test_every_dashboard_panel_shows_data(prometheus: Prometheus, traffic: Traffic) -> None:
     queries = dashboard_queries()
-    assert len(queries) >= 20
+    assert len(queries) >= 30
     deadline = time.monotonic() + 40
     while True:
         empty = [(title, expr) for title, expr in queries if not finite(prometheus.query(expr))]
@@ -263,6 +283,12 @@ def test_every_dashboard_panel_shows_data(prometheus: Prometheus, traffic: Traff
     sources = {r["metric"]["reason"] for r in prometheus.query("llm_router_skipped_total")}
     assert {"no_credentials", "circuit_open"} <= sources
     assert prometheus.query('llm_router_circuit_state{provider="flaky"}')
+    # each feature's panels show what its traffic did
+    assert {r["metric"]["alias"] for r in prometheus.query("llm_router_cache_hits_total > 0")} == {"faq"}
+    assert {r["metric"]["alias"] for r in prometheus.query("llm_router_hedge_wins_total > 0")} == {"racing"}
+    rejected = prometheus.query("llm_router_budget_rejections_total > 0")
+    assert {(r["metric"]["budget"], r["metric"]["reason"]) for r in rejected} == {("capped", "limit")}
+    assert [r["value"][1] for r in prometheus.query('llm_router_state_store_up{backend="sqlite"}')] == ["1"]
 
 
 def test_the_alert_rules_load_and_evaluate_on_real_metrics(prometheus: Prometheus, traffic: Traffic) -> None:
@@ -290,6 +316,17 @@ def test_the_alert_rules_load_and_evaluate_on_real_metrics(prometheus: Prometheu
         time.sleep(0.5)
     assert ("LLMRouterAliasDown", "doomed") in pending, prometheus.query('llm_router_requests_total{alias="doomed"}')
     assert ("LLMRouterAliasDown", "chat") not in pending
+    # `capped` spent its budget but the little a refused call cannot use: the warning fires on the real gauges
+    deadline = time.monotonic() + 30
+    while True:
+        alerts = prometheus.get("/api/v1/alerts")["alerts"]
+        budgets = {
+            (a["labels"]["budget"], a["labels"]["severity"], a["state"]) for a in alerts if "budget" in a["labels"]
+        }
+        if budgets or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert budgets == {("capped", "warning", "firing")}, prometheus.query("llm_router_budget_remaining_usd")
 
 
 def test_promtool_unit_tests_of_every_alert() -> None:

@@ -316,6 +316,19 @@ def test_a_circuit_learnt_from_the_store_sets_this_processs_state_gauge(
 # -- the store going away ----------------------------------------------------------------------------------------
 
 
+def test_a_store_that_answers_shows_up_with_its_error_count_at_zero(
+    make_router: MakeRouter, up: Upstream, registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    r = make_router(config_text("{UP}", state_yaml("sqlite", tmp_path)))
+    try:
+        assert r._state is not None and r._state.wait_synced()
+        assert registry.get_sample_value("llm_router_state_store_up", {"backend": "sqlite"}) == 1
+        # the series exists before any error, so the first one shows in increase() (the dashboard, the alert)
+        assert registry.get_sample_value("llm_router_state_store_errors_total", {"backend": "sqlite"}) == 0
+    finally:
+        r.close()
+
+
 def test_an_unreachable_store_fails_no_call_and_is_logged_once_and_counted(
     make_router: MakeRouter, up: Upstream, registry: CollectorRegistry, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -325,6 +325,9 @@ class Budgets(Hook):
         self.by_name = {b.name: b for b in self.budgets}
         self.limits = {b.name: to_nusd(b.limit_usd) for b in self.budgets}
         self.metrics = metrics
+        for b in self.budgets:
+            if b.per_tag is None:  # per-tag budgets: one series per tag value would explode the labels
+                metrics.budget_limit(b.name, b.limit_usd)
         self.store = BudgetStore(store)
         self.store.on_spent = self._spent
         self._counter = 0
