@@ -6,7 +6,8 @@ marked dead. Use it as is (`gunicorn -c examples/gunicorn.conf.py app:app`) or c
   container's env sets it already (one directory per service). Each worker then writes its metrics to files
   in that directory, and /metrics (any worker's, via `router.metrics_registry()`) serves their sum.
 - The directory is emptied when gunicorn starts: the counts of a previous run would be summed in otherwise
-  (Prometheus sees a counter reset, as after any restart).
+  (Prometheus sees a counter reset, as after any restart). One this file made (none was given) is removed
+  when the master exits (`on_exit`), so restarts leave no directories behind in /tmp; one given is left.
 - `child_exit` marks each exited worker dead, so its in-flight calls, circuit states and config leave the
   gauges; its counts stay.
 - LiteLLM is imported once, in the master (`router.preload()`): the workers inherit it, so they start at
@@ -22,12 +23,16 @@ marked dead. Use it as is (`gunicorn -c examples/gunicorn.conf.py app:app`) or c
 
 import glob
 import os
+import shutil
 import tempfile
 
 # A fixed place from the unit file or the container's env; else a fresh one for this master (two services on
-# one host must never share one: each would empty and sum the other's).
+# one host must never share one: each would empty and sum the other's). The variable below marks one made here,
+# for on_exit: gunicorn reads this file again on SIGHUP, in the same process; a new master started by SIGUSR2
+# gets the environment gunicorn started with, so it makes a directory of its own.
+CREATED = "LLM_ROUTER_METRICS_DIR_CREATED"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="llm-router-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.environ[CREATED] = tempfile.mkdtemp(prefix="llm-router-metrics-")
 
 bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", "4"))
@@ -63,3 +68,9 @@ def worker_exit(server, worker):  # type: ignore[no-untyped-def]
     import router
 
     router.exit_worker()  # last: after this hook, the worker process is gone
+
+
+def on_exit(server):  # type: ignore[no-untyped-def]
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path and os.environ.get(CREATED) == path:  # one given by the environment is the operator's to keep
+        shutil.rmtree(path, ignore_errors=True)
