@@ -7,6 +7,7 @@ waits until a request is actually made: `import router` and `llm-router validate
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -16,7 +17,7 @@ from contextvars import ContextVar
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .. import streams
+from .. import background, streams
 from ..policy import parse_retry_after
 from ..types import Usage
 from . import Answer, Chunk, ContentFiltered, Failure, InvalidResponse, Send, classify_common
@@ -378,6 +379,20 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
+async def _bounded(aw: Any, seconds: float) -> Any:
+    """Await a litellm request for at most `seconds` of wall-clock time (litellm's own `timeout` bounds each
+    socket read, which a provider trickling bytes resets forever): past it, AttemptTimeout, the request
+    cancelled and its connection closed."""
+    try:
+        return await streams.within(aw, seconds)
+    except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError from 3.11
+        if type(exc) not in (TimeoutError, asyncio.TimeoutError):
+            raise  # litellm's own, or aiohttp's: the provider's timeout, with its message
+        raise background.AttemptTimeout(f"no answer within {seconds:.3g}s (the attempt's time)") from None
+    except asyncio.TimeoutError:  # Python 3.10, where it is not a TimeoutError
+        raise background.AttemptTimeout(f"no answer within {seconds:.3g}s (the attempt's time)") from None
+
+
 # -- the engine -----------------------------------------------------------------------------------------------
 
 
@@ -391,21 +406,21 @@ class LiteLLMEngine:
         litellm()
 
     def complete(self, send: Send) -> Answer:
-        """One blocking request."""
-        return read_response(complete(request_kwargs(send)))
+        """One blocking request, sent as the async one on the background loop: a blocking litellm call cannot be
+        held to a wall-clock bound (a trickled body resets every socket timeout), nor cancelled."""
+        return background.run(self.acomplete(send), send.timeout_s)  # type: ignore[no-any-return]
 
     async def acomplete(self, send: Send) -> Answer:
-        """One request on the running event loop."""
-        return read_response(await acomplete(request_kwargs(send)))
+        """One request on the running event loop, cancelled (AttemptTimeout) past `send.timeout_s`."""
+        return read_response(await _bounded(acomplete(request_kwargs(send)), send.timeout_s))
 
     def open_stream(self, send: Send) -> StreamState:
-        """Start a streamed request and read it up to its first content (see `streams.open_sync`)."""
-        kwargs = request_kwargs(send)
-
-        def open_source() -> _Source:  # not _quiet: litellm's stream wrapper logs as it is read
-            return _Source(litellm().completion(**kwargs))
-
-        return streams.open_sync(open_source, send.limits)
+        """Start a streamed request and read it up to its first content: the async stream, opened on the
+        background loop and read through it (see `streams.read_on_loop`), so that a stream closed or dropped
+        unread closes its connection at once, whatever the provider is doing."""
+        bound = send.limits.first_text_s if send.limits is not None else send.timeout_s
+        state = background.run(self.aopen_stream(send), bound)
+        return streams.read_on_loop(state)
 
     async def aopen_stream(self, send: Send) -> StreamState:
         """Async twin of `open_stream`."""
