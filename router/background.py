@@ -20,11 +20,6 @@ _bg_lock = threading.Lock()
 _bg_loop: asyncio.AbstractEventLoop | None = None
 _bg_pid = 0
 
-# How long past a coroutine's own bound a sync caller waits for it before giving up on it: only a loop kept
-# busy by someone else's blocking code (a slow litellm callback) needs it; a request ends at its own bound.
-BACKSTOP_S = 0.5
-
-
 class AttemptTimeout(TimeoutError):
     """A request outlasted its wall-clock bound (the attempt's timeout, or what was left of the call's deadline)."""
 
@@ -57,15 +52,16 @@ def submit(coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
 
 
 def run(coro: Coroutine[Any, Any, Any], bound_s: float) -> Any:
-    """Run `coro` (which holds itself to `bound_s` seconds) on the background loop and wait for it: its result,
-    or its exception. Past `bound_s` + BACKSTOP_S it is cancelled and AttemptTimeout raised; a caller interrupted
-    while waiting (KeyboardInterrupt, a signal handler's exception) cancels it too."""
+    """Run `coro` on the background loop and wait for it at most `bound_s` seconds: its result, or its exception.
+    Past `bound_s` it is cancelled and AttemptTimeout raised, by the caller's own clock: a loop kept busy meanwhile
+    (litellm building another request's exception takes it for a while) does not hold the caller past its bound.
+    A caller interrupted while waiting (KeyboardInterrupt, a signal handler's exception) cancels it too."""
     future = submit(coro)
     try:
-        concurrent.futures.wait((future,), timeout=max(bound_s, 0.0) + BACKSTOP_S)
+        concurrent.futures.wait((future,), timeout=max(bound_s, 0.0))
     finally:
         if not future.done():
             future.cancel()
     if future.cancelled():
-        raise AttemptTimeout(f"no answer within {bound_s:.3g}s")
+        raise AttemptTimeout(f"no complete answer within {bound_s:.3g}s")
     return future.result()

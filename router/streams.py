@@ -94,7 +94,8 @@ def _start_closer() -> None:
 
 def _close_forever() -> None:
     while True:
-        close_quietly(_closing.get())
+        source = _closing.get()
+        close_quietly(source)
 
 
 class _OnLoop:
@@ -214,7 +215,10 @@ class StreamState:
     def next_chunk(self) -> Chunk:
         """The next chunk of a blocking stream. Raises StopIteration at its end, TimeoutError past a limit."""
         if self._on_loop is not None:
-            more, chunk = background.run(self._step(), self._wait())
+            try:
+                more, chunk = background.run(self._step(), self._wait())
+            except background.AttemptTimeout:  # cancelled on the loop, where the step closes the stream
+                raise self.timed_out() from None
             if not more:
                 raise StopIteration
             return chunk  # type: ignore[no-any-return]
@@ -250,7 +254,7 @@ class StreamState:
             return True, await self.anext_chunk()
         except StopAsyncIteration:
             return False, None
-        except BaseException:
+        except BaseException:  # an error, a limit passed, or cancelled by the reader's own clock
             if self._on_loop is not None and self._on_loop.detach() is not None:
                 await self.aclose()
             raise
@@ -259,7 +263,7 @@ class StreamState:
         """Release the HTTP response of an abandoned stream (best effort)."""
         if self._on_loop is not None:
             if self._on_loop.detach() is not None:  # not closed yet
-                _OnLoop(self.source).close()
+                close_quietly(_OnLoop(self.source))
         elif self._pump is not None:
             self._pump.stop()
         else:

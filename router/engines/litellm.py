@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from .. import background, streams
 from ..policy import parse_retry_after
 from ..types import Usage
-from . import Answer, Chunk, ContentFiltered, Failure, InvalidResponse, Send, classify_common
+from . import Answer, Chunk, ContentFiltered, Failure, FirstTextTimeout, InvalidResponse, Send, classify_common
 
 if TYPE_CHECKING:
     from ..config import Target
@@ -69,6 +69,13 @@ def litellm() -> ModuleType:
     return _litellm
 
 
+# The attempt's bound is the router's own wall-clock timer (`_bounded`, `background.run`, the stream limits).
+# litellm's `timeout`, a bound on each socket read, stays behind it as a backstop, set later so that the two never
+# race: when litellm's fires first, it builds its exception on the event loop (a MidStreamFallbackError after a
+# read timeout took 0.06-1.4 s on these 2 cores), holding up every other request on the loop meanwhile.
+SOCKET_TIMEOUT_LAG_S = 1.0
+
+
 def request_kwargs(send: Send) -> dict[str, Any]:
     """The keyword arguments of one litellm.completion call. max_retries=0: the router owns retries.
 
@@ -79,7 +86,7 @@ def request_kwargs(send: Send) -> dict[str, Any]:
     kw: dict[str, Any] = {
         **send.body,
         "model": target.litellm_model,
-        "timeout": send.timeout_s,
+        "timeout": send.timeout_s + SOCKET_TIMEOUT_LAG_S,
         "max_retries": 0,
         "drop_params": True,
     }
@@ -388,9 +395,9 @@ async def _bounded(aw: Any, seconds: float) -> Any:
     except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError from 3.11
         if type(exc) not in (TimeoutError, asyncio.TimeoutError):
             raise  # litellm's own, or aiohttp's: the provider's timeout, with its message
-        raise background.AttemptTimeout(f"no answer within {seconds:.3g}s (the attempt's time)") from None
+        raise background.AttemptTimeout(f"no complete answer within {seconds:.3g}s") from None
     except asyncio.TimeoutError:  # Python 3.10, where it is not a TimeoutError
-        raise background.AttemptTimeout(f"no answer within {seconds:.3g}s (the attempt's time)") from None
+        raise background.AttemptTimeout(f"no complete answer within {seconds:.3g}s") from None
 
 
 # -- the engine -----------------------------------------------------------------------------------------------
@@ -418,8 +425,13 @@ class LiteLLMEngine:
         """Start a streamed request and read it up to its first content: the async stream, opened on the
         background loop and read through it (see `streams.read_on_loop`), so that a stream closed or dropped
         unread closes its connection at once, whatever the provider is doing."""
-        bound = send.limits.first_text_s if send.limits is not None else send.timeout_s
-        state = background.run(self.aopen_stream(send), bound)
+        limits = send.limits
+        try:
+            state = background.run(self.aopen_stream(send), send.timeout_s if limits is None else limits.first_text_s)
+        except background.AttemptTimeout:  # the caller's clock ran out first: the same limit as the loop's
+            if limits is None:
+                raise
+            raise FirstTextTimeout(f"no text within {limits.first_text_s:g}s of the request") from None
         return streams.read_on_loop(state)
 
     async def aopen_stream(self, send: Send) -> StreamState:
