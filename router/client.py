@@ -30,8 +30,9 @@ from .health import CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
 from .hooks import Hook, Hooks
 from .loop import CallLoop, Context
 from .metrics import RouterMetrics
-from .planner import CallArgs, Snapshot, config_secrets, disabled_providers, make_plan
-from .plugins import config_hooks
+from .planner import CallArgs, Plan, Snapshot, disabled_providers, make_plan
+from .plugins import Pool, wire
+from .secrets import config_secrets, guard_logs
 from .state import shared_state
 
 __all__ = ["AsyncStream", "Router", "Stream"]
@@ -77,7 +78,8 @@ class Router:
         )
         self._circuits: CircuitStore = circuits or (self._state.circuits if self._state else MemoryCircuitStore())
         self._keys: KeyStore = keys or (self._state.keys if self._state else MemoryKeyStore())
-        self._hooks = Hooks([*config_hooks(config, self.metrics), *hooks])
+        self._user_hooks = tuple(hooks)
+        self._pool = Pool()  # the config's hooks and what they share, kept while a snapshot uses them
         self._path: Path | None = None
         self._reload_lock = threading.Lock()
         self._watch_stop: threading.Event | None = None
@@ -134,9 +136,11 @@ class Router:
                 log.warning("metrics namespace and buckets change at restart only; keeping %r", old.metrics.namespace)
             if config.state != old.state:
                 log.warning("the state section changes at restart only; keeping state.backend %s", old.state.backend)
-            self._snap = self._snapshot(config)
-            self.metrics.reload_result(True)
+            old_snap, self._snap = self._snap, self._snapshot(config)
+            old_snap.retire()  # its hooks are let go of once the calls that started on it end
+            # The sha switches first: a scrape that sees this reload counted sees only the new sha in force.
             self.metrics.config_in_force(config.sha256, old.sha256, time.time())
+            self.metrics.reload_result(True)
             log.info("config reloaded from %s (sha256 %s)", config.source, config.sha256[:12])
             return True
 
@@ -157,7 +161,8 @@ class Router:
         if self._watch_stop is not None:
             self._watch_stop.set()
             self._watch_stop = None
-        self._hooks.close()
+        self._pool.close()
+        Hooks(self._user_hooks).close()
         if self._state is not None:
             self._state.close()
 
@@ -207,7 +212,7 @@ class Router:
         args = CallArgs(
             prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, cache, params
         )
-        plan = make_plan(self._snap, args, self._rng)
+        plan = self._plan(args)
         return drive(CallLoop(self._ctx, plan).run(), stream, self._sleep)
 
     async def agenerate(
@@ -230,7 +235,7 @@ class Router:
         args = CallArgs(
             prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, cache, params
         )
-        plan = make_plan(self._snap, args, self._rng)
+        plan = self._plan(args)
         return await adrive(CallLoop(self._ctx, plan).run(), stream, self._asleep)
 
     def explain(self, alias: str | None = None) -> str:
@@ -240,8 +245,32 @@ class Router:
         snap, now = self._snap, self._clock()
         return explain(snap.config, alias, snap.disabled, lambda t: self._circuits.peek(t.key), now)
 
+    @property
+    def _hooks(self) -> Hooks:
+        """The hooks calls starting now run with."""
+        return self._snap.hooks
+
     def _snapshot(self, config: RouterConfig) -> Snapshot:
-        return Snapshot(config, disabled_providers(config, os.environ), config_secrets(config), self._hooks)
+        hooks, keys = wire(config, self.metrics, self._pool)
+
+        def release() -> None:
+            for key in keys:
+                self._pool.release(key)
+
+        all_hooks = Hooks([*hooks, *self._user_hooks])
+        secrets = guard_logs(config_secrets(config))  # scrubbed from every error text and every log line
+        return Snapshot(config, disabled_providers(config, os.environ), secrets, all_hooks, release)
+
+    def _plan(self, args: CallArgs) -> Plan:
+        """The call's plan on the snapshot in force, which it enters (CallLoop.run leaves it when the call ends)."""
+        snap = self._snap
+        while not snap.enter():  # released by a reload between the read and the enter: take the newer one
+            snap = self._snap
+        try:
+            return make_plan(snap, args, self._rng)
+        except BaseException:
+            snap.leave()
+            raise
 
 
 def _watch(ref: weakref.ReferenceType[Router], path: Path, poll_s: float, stop: threading.Event) -> None:

@@ -8,27 +8,30 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Hashable
 
 MIN_SAMPLES = 20  # latencies a target needs before its percentile times a hedge
-WINDOW = 256  # the most recent latencies kept per target
+WINDOW = 256  # the most recent latencies kept per (alias, target)
 
 
 class Latencies:
-    """Recent latencies per target (answers, or first text of streams), for `after_percentile` hedges."""
+    """Recent latencies per (alias, target) of completed answers (or first text of streams), for
+    `after_percentile` hedges: one alias's traffic never moves another's percentile, and a loser cut off by the
+    race is no answer, so the moment it was stopped is not a latency."""
 
     def __init__(self) -> None:
-        self._seen: dict[tuple[str, bool], deque[float]] = {}
+        self._seen: dict[tuple[Hashable, bool], deque[float]] = {}
         self._lock = threading.Lock()
 
-    def add(self, target: str, stream: bool, seconds: float) -> None:
-        """One more latency of `target` (stream: time to first text)."""
+    def add(self, key: Hashable, stream: bool, seconds: float) -> None:
+        """One more latency under `key`, (alias, target key) (stream: time to first text)."""
         with self._lock:
-            self._seen.setdefault((target, stream), deque(maxlen=WINDOW)).append(seconds)
+            self._seen.setdefault((key, stream), deque(maxlen=WINDOW)).append(seconds)
 
-    def percentile(self, target: str, stream: bool, q: float) -> float | None:
-        """The `q`th percentile (nearest rank) of the target's recent latencies; None below MIN_SAMPLES."""
+    def percentile(self, key: Hashable, stream: bool, q: float) -> float | None:
+        """The `q`th percentile (nearest rank) of the recent latencies under `key`; None below MIN_SAMPLES."""
         with self._lock:
-            seen = sorted(self._seen.get((target, stream), ()))
+            seen = sorted(self._seen.get((key, stream), ()))
         if len(seen) < MIN_SAMPLES:
             return None
         rank = max(0, min(len(seen) - 1, int(-(-q * len(seen) // 100)) - 1))

@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import logging
 import random
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -47,12 +48,47 @@ RESERVED = frozenset(
 
 @dataclass
 class Snapshot:
-    """The config in force and what is derived from it, swapped whole on reload."""
+    """The config in force and what is derived from it, swapped whole on reload.
+
+    Calls `enter()` it when they start and `leave()` it when they end; once a reload has `retire()`d it and the
+    last of its calls has ended, `release` lets go of its hooks (the plugins' pool closes what no snapshot uses).
+    """
 
     config: RouterConfig
     disabled: frozenset[str]
     secrets: tuple[str, ...]
     hooks: Hooks = field(default_factory=Hooks)
+    release: Callable[[], None] | None = None
+    _calls: int = 0
+    _retired: bool = False
+    _released: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def enter(self) -> bool:
+        """One more call runs on this snapshot; False when it is already released (take the one in force)."""
+        with self._lock:
+            if self._released:
+                return False
+            self._calls += 1
+            return True
+
+    def leave(self) -> None:
+        """A call that entered has ended."""
+        with self._lock:
+            self._calls -= 1
+            done = self._retired and self._calls <= 0 and not self._released
+            self._released = self._released or done
+        if done and self.release is not None:
+            self.release()
+
+    def retire(self) -> None:
+        """A newer snapshot is in force: release this one once its calls have ended."""
+        with self._lock:
+            self._retired = True
+            done = self._calls <= 0 and not self._released
+            self._released = self._released or done
+        if done and self.release is not None:
+            self.release()
 
 
 def disabled_providers(config: RouterConfig, env: Mapping[str, str]) -> frozenset[str]:
@@ -62,13 +98,6 @@ def disabled_providers(config: RouterConfig, env: Mapping[str, str]) -> frozense
     if unknown:
         log.warning("%s names providers not in the config: %s", DISABLED_ENV, ", ".join(sorted(unknown)))
     return disabled
-
-
-def config_secrets(config: RouterConfig) -> tuple[str, ...]:
-    """Values to scrub from every error text: the configured keys (short literals like "none" are not secrets)."""
-    return tuple(
-        v for p in config.providers.values() for k in p.api_keys() if len(v := k.secret.get_secret_value()) >= 6
-    )
 
 
 @dataclass(frozen=True)
