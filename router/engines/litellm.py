@@ -8,10 +8,13 @@ waits until a request is actually made: `import router` and `llm-router validate
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import functools
 import logging
 import os
 import threading
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from types import ModuleType
@@ -91,10 +94,13 @@ def request_kwargs(send: Send) -> dict[str, Any]:
         "drop_params": True,
     }
     _note_dropped(target, send.body)
+    headers = dict(target.headers) if target.headers else {}
     if target.api_base:
-        kw["api_base"] = target.api_base
-    if target.headers:
-        kw["extra_headers"] = dict(target.headers)
+        kw["api_base"], basic = split_credentials(target.api_base)
+        if basic is not None:
+            headers["Authorization"] = basic
+    if headers:
+        kw["extra_headers"] = headers
     if send.api_key is not None:
         kw["api_key"] = send.api_key
     if send.body.get("tools"):
@@ -102,6 +108,24 @@ def request_kwargs(send: Send) -> dict[str, Any]:
         # package (only in litellm[proxy]) and so fails every call with tools; ours are plain functions.
         kw["_skip_mcp_handler"] = True
     return kw
+
+
+@functools.lru_cache(maxsize=256)
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """An api_base without its `user:password@`, and those as the Basic Authorization header they stand for.
+
+    A blocking httpx request turns them into that header itself; LiteLLM's async transport (aiohttp) refuses a
+    URL with credentials next to the Authorization header the provider's SDK sets, so the request never went
+    out. Sent as the header, both send the same bytes.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
 # Params the router itself sets on a request: never reported as the caller's dropped ones.
