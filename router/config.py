@@ -39,7 +39,7 @@ from pydantic import (
 
 from . import outcomes
 from .errors import ConfigError, ConfigProblem
-from .secrets import MASK, redact_url
+from .secrets import CREDENTIAL_NAME, MASK, redact_url, url_secrets, worth_scrubbing
 
 DEFAULT_FALLBACK_ON = list(outcomes.DEFAULT_FALLBACK_ON)
 # Latency of LLM calls runs from tens of milliseconds (a cached or tiny answer) to minutes (long generations).
@@ -611,6 +611,24 @@ class RouterConfig(_Model):
     def targets(self, alias: str) -> tuple[Target, ...]:
         """Every target of the alias in config order, tiers flattened."""
         return tuple(t for tier in self._tiers[alias] for t in tier)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret of this config, longest first: what is scrubbed from errors, logs and traces (see
+        router.secrets for what counts)."""
+        found: list[str] = []
+        for p in self.providers.values():
+            found += [k.secret.get_secret_value() for k in p.api_keys()]
+            found += p.header_env_values()
+            for name, value in p.headers.items():
+                if CREDENTIAL_NAME.search(name):
+                    found += [value, value.rsplit(" ", 1)[-1]]
+            if p.api_base:
+                found += url_secrets(p.api_base)
+        if self.state.url is not None:
+            found += url_secrets(self.state.url.get_secret_value())
+        if self.ledger is not None and self.ledger.dsn is not None:
+            found += url_secrets(self.ledger.dsn.get_secret_value())
+        return worth_scrubbing(found)
 
 
 @dataclass(frozen=True)
