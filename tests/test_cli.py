@@ -190,9 +190,9 @@ def test_validate_names_the_aliases_that_would_fail_every_call_and_why_but_exits
     assert proc.returncode == 0, proc.stderr  # keys may arrive at deploy time
     assert proc.stdout.startswith(f"{path}: ok (4 providers, 3 aliases, 5 targets)")
     assert warnings_of(proc, path) == [
-        "alias 'chat' cannot answer: every target is skipped: openai/gpt-4o (OPENAI_API_KEY is not set), "
-        "anthropic/claude-3-5-sonnet-20241022 (ANTHROPIC_API_KEY is not set)",
-        "alias 'local' cannot answer: every target is skipped: local/llama3 (disabled in the config: enabled: false)",
+        "alias 'chat' cannot answer: every target is skipped: openai/gpt-4o (MISSING: set OPENAI_API_KEY), "
+        "anthropic/claude-3-5-sonnet-20241022 (MISSING: set ANTHROPIC_API_KEY)",
+        "alias 'local' cannot answer: every target is skipped: local/llama3 (disabled in the config (enabled: false))",
         "2 of 3 aliases would fail every call; validate --strict exits 1 on this",
     ]
     assert_clean(proc, "literal-spare-key")
