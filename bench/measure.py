@@ -212,7 +212,7 @@ class Runner:
         No network, no litellm: what is left is the plan, the attempt loop, reading the response, pricing and
         metrics. Patched in this process only, and restored.
         """
-        from router import _litellm
+        from router.engines import litellm as _litellm
 
         c = self.clients
         recorded = self.loop.run_until_complete(c.router_async()).raw
@@ -252,7 +252,7 @@ class Runner:
         finally:
             _litellm.acomplete, _litellm.complete = real_a, real_s
         if stubbed[0] < rounds * n * 2:
-            raise RuntimeError("the router no longer calls router._litellm.acomplete/complete: update bench.measure")
+            raise RuntimeError("the router no longer calls engines.litellm.acomplete/complete: update bench.measure")
         return out
 
     def leak(

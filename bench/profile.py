@@ -30,7 +30,7 @@ import litellm
 from prometheus_client import CollectorRegistry
 
 import router
-from router import _litellm
+from router.engines import litellm as _litellm
 
 from . import clients as cl
 from .measure import Runner
@@ -52,8 +52,8 @@ SPOTS = [
     ("openai SDK: response parse", "openai/_legacy_response.py", "parse"),
     ("httpx + litellm's aiohttp transport: send", "httpx/_client.py", "send"),
     ("router: agenerate (everything, litellm included)", "router/client.py", "agenerate"),
-    ("router: _prepare (plan, kwargs)", "router/client.py", "_prepare"),
-    ("router: read_response", "router/_litellm.py", "read_response"),
+    ("router: make_plan (plan, request bodies)", "router/planner.py", "make_plan"),
+    ("router: read_response", "router/engines/litellm.py", "read_response"),
 ]
 
 

@@ -22,7 +22,7 @@ def pytest_configure(config: Any) -> None:
     if name == "gc_freeze":
         import gc
 
-        from router import _litellm
+        from router.engines import litellm as _litellm
 
         _litellm.litellm()
         gc.collect()

@@ -128,9 +128,9 @@ def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Co
 def preload() -> None:
     """Import LiteLLM now (seconds, ~170 MB) instead of at the first call. In a gunicorn master before the
     fork (see examples/gunicorn.conf.py) every worker inherits it: they start at once and share its memory."""
-    from . import _litellm
+    from .engines import DEFAULT_ENGINE, get_engine
 
-    _litellm.litellm()
+    get_engine(DEFAULT_ENGINE).load()
 
 
 def mark_process_dead(pid: int) -> None:

@@ -704,6 +704,7 @@ class Target:
     stream_idle_timeout_s: float | None = None
     enabled: bool = True
     circuit: CircuitConfig = field(default_factory=CircuitConfig)
+    engine: str = "litellm"  # what sends its requests (router.engines)
     key: str = field(init=False)
     litellm_model: str = field(init=False)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from . import _litellm
 from .client import Router
 from .config import parse_config
+from .engines import DEFAULT_ENGINE, get_engine
 from .errors import BudgetExceededError, RouterError
 from .sandbox import Upstream, simulated_providers
 from .types import Result
@@ -60,7 +60,7 @@ def run(config: str | None = None) -> int:
     os.environ.pop("SANDBOX_PREMIUM_KEY", None)  # the demo shows a provider skipped for want of a key
     logging.basicConfig(level=logging.WARNING, format="  [log] %(levelname)s %(name)s: %(message)s")
     t0 = time.perf_counter()
-    _litellm.litellm()  # so the first call's latency is the call's, not the import's
+    get_engine(DEFAULT_ENGINE).load()  # so the first call's latency is the call's, not the import's
     print(f"(imported litellm in {time.perf_counter() - t0:.1f} s)")
     with Upstream() as up, tempfile.TemporaryDirectory(prefix="llm-router-demo-") as tmp:
         simulated_providers(up)

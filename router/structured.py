@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ._litellm import InvalidResponse
+from .engines import InvalidResponse
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,6 +62,9 @@ class Result:
     finish_reason: str | None = None
     parsed: Any = None  # with response_format=: the validated pydantic model (or dict for a JSON Schema)
     cached: bool = False  # answered from the response cache: no request, cost_usd 0, cost_source "cache"
+    # The tools the model asked to call (generate(tools=[...])), OpenAI-shaped:
+    # {"id": ..., "type": "function", "function": {"name": ..., "arguments": "<JSON text>"}}
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
     raw: Any = field(default=None, repr=False, compare=False)
 
     @property

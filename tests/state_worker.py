@@ -18,7 +18,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 from prometheus_client import CollectorRegistry
 
-from router import Router, RouterError, _litellm
+from router import Router, RouterError
+from router.engines import litellm as _litellm
 
 
 def main(paths: list[str]) -> None:

@@ -30,8 +30,9 @@ from router import (
     Target,
     parse_config,
 )
+from router.background import background_loop
 from router.errors import RouterError, StreamInterruptedError
-from router.hedge import MIN_SAMPLES, Latencies, background_loop
+from router.hedge import MIN_SAMPLES, Latencies
 from router.hooks import AttemptReport, Call, Hook, Reroute
 from router.sandbox import Reply, Upstream
 

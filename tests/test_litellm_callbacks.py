@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from conftest import MakeRouter
 
-from router import _litellm
+from router.engines import litellm as _litellm
 from router.sandbox import Reply, Upstream
 
 

@@ -554,16 +554,16 @@ def test_a_dropped_sync_stream_is_never_closed_by_the_collecting_thread(
 ) -> None:
     # The garbage collector may run inside a request, in a thread holding httpx's pool lock; closing a response
     # takes that lock, so a close from the collector deadlocked the next call (seen in CI).
-    from router import _litellm
+    from router import streams
 
     closed_in: list[str] = []
-    real = _litellm._close_sync
+    real = streams.close_quietly
 
-    def spy(stream: Any) -> None:
+    def spy(source: Any) -> None:
         closed_in.append(threading.current_thread().name)
-        real(stream)
+        real(source)
 
-    monkeypatch.setattr(_litellm, "_close_sync", spy)
+    monkeypatch.setattr(streams, "close_quietly", spy)
     up.enqueue("oa", recorded("openai", "stream.sse").reply(0.3))
     stream = r.generate("hello", model="plain_openai", stream=True)
     assert next(stream) == "A"

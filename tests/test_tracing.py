@@ -20,8 +20,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
 
-from router import AllTargetsFailedError, ConfigError, Result, RouterError, Usage, parse_config
+from router import AllTargetsFailedError, ConfigError, Result, Router, RouterError, Usage, parse_config
 from router.config import Target
 from router.hooks import Call, Hook
 from router.plugins.tracing import TracingHook
@@ -450,3 +451,38 @@ def test_a_hedged_race_has_a_span_per_request(
     assert "llm_router.fallback_reason" not in hedge
     call = attrs(call_span(spans))
     assert (call["llm_router.outcome"], call["llm_router.attempts"]) == ("success", 2)
+
+
+def test_a_reload_turns_tracing_on_off_and_its_content_capture_for_the_next_call(
+    up: Upstream, spans: InMemorySpanExporter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEY_A", KEY_A)
+    path = tmp_path / "router.yaml"
+
+    def write(extra: str) -> None:
+        text = standard_config(extra=extra).replace("{UP}", up.url)
+        text = text.replace("${KEY_B}", "${KEY_A}").replace("${KEY_C}", "${KEY_A}")
+        path.write_text(text)
+
+    write("")
+    r = Router.from_yaml(path, registry=CollectorRegistry())
+    up.route("a").set_default(Reply(text="the answer"))
+    try:
+        r.generate("the prompt", model="single")
+        assert not spans.get_finished_spans()
+        write(TRACED)
+        assert r.reload()
+        r.generate("the prompt", model="single")
+        assert "the prompt" not in everything(spans) and len(attempt_spans(spans)) == 1
+        spans.clear()
+        write("tracing: {capture_content: true}")
+        assert r.reload()
+        r.generate("the prompt", model="single")
+        assert "the prompt" in attrs(call_span(spans))["gen_ai.input.messages"]
+        spans.clear()
+        write("tracing: {enabled: false}")
+        assert r.reload()
+        r.generate("the prompt", model="single")
+        assert not spans.get_finished_spans()
+    finally:
+        r.close()

@@ -147,6 +147,10 @@ class Engine(Protocol):
 
     name: str
 
+    def load(self) -> None:
+        """Import what the engine needs (seconds for LiteLLM): called before a call's clock starts."""
+        ...
+
     def complete(self, send: Send) -> Answer:
         """One blocking request; raises on any failure (classify() tells what it was)."""
         ...
@@ -209,3 +213,14 @@ def get_engine(name: str) -> Engine:
 def engine_for(target: Target) -> Engine:
     """The engine that sends `target`'s requests."""
     return get_engine(getattr(target, "engine", DEFAULT_ENGINE))
+
+
+def classify_common(exc: BaseException) -> str | None:
+    """The outcome of a failure any engine may see (the router's own checks, a timeout); None for the rest."""
+    if isinstance(exc, ContentFiltered):
+        return "content_filter"
+    if isinstance(exc, InvalidResponse):
+        return "invalid_response"
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return None

@@ -120,10 +120,10 @@ def worst_case_usd(target: Target, input_tokens: int, output_tokens: int) -> flo
     if target.pricing is not None:
         p = target.pricing
         return input_tokens * p.input_per_token + output_tokens * p.output_per_token
-    from .. import _litellm  # imported already: this runs on a call's path
+    from ..engines import engine_for  # loaded already: this runs on a call's path
     from ..types import Usage
 
-    return _litellm.price_map_cost(target, Usage(input_tokens, output_tokens))
+    return engine_for(target).price_map_cost(target, Usage(input_tokens, output_tokens))
 
 
 # -- the database ---------------------------------------------------------------------------------------------
@@ -324,11 +324,11 @@ class Budgets(Hook):
         if not in_scope:
             return
         now = time.time()
-        from .. import _litellm
+        from ..engines import engine_for
 
         out_tokens = output_token_bound(request, None)
         if not any(request.get(n) for n in ("max_tokens", "max_completion_tokens")):
-            out_tokens = output_token_bound(request, _litellm.max_output_tokens(target))
+            out_tokens = output_token_bound(request, engine_for(target).max_output_tokens(target))
         cost = worst_case_usd(target, input_token_bound(request.get("messages") or ()), out_tokens)
         holds = []
         for b, scope in in_scope:

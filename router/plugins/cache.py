@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import structured
-from .._litellm import InvalidResponse
+from ..engines import InvalidResponse
 from ..hooks import Call, Hook
 from ..types import Result, Usage
 
