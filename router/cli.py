@@ -31,9 +31,8 @@ def _err(msg: str) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Check each file; one problem per line on stderr, then the aliases no target of which could answer."""
-    from .client import DISABLED_ENV  # no litellm import: that waits for the first request
+    from .planner import disabled_providers  # no litellm import: that waits for the first request
 
-    disabled = frozenset(p.strip() for p in os.environ.get(DISABLED_ENV, "").split(",") if p.strip())
     failed = False
     for path in args.files:
         try:
@@ -47,7 +46,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.aliases)} aliases, {n_targets} targets)")
         for note in _credential_notes(cfg) + _tracing_notes(cfg):
             _err(f"{path}: note: {note}")
-        dead = cannot_answer(cfg, disabled)
+        dead = cannot_answer(cfg, disabled_providers(cfg, os.environ))
         for alias, reasons in dead.items():
             _err(f"{path}: warning: alias {alias!r} cannot answer: every target is skipped: {_listed(reasons)}")
         if dead:
