@@ -11,6 +11,7 @@ import contextlib
 import difflib
 import gc
 import hashlib
+import itertools
 import math
 import os
 import re
@@ -1197,8 +1198,7 @@ def _yaml_problem(text: str, file: str, exc: yaml.MarkedYAMLError) -> ConfigProb
         return ConfigProblem(file, line, "", "invalid YAML: a tab indents this line, and YAML forbids tabs for "
                              "indentation: indent with spaces")  # fmt: skip
     if line is not None and any(s in what for s in _STRUCTURE):
-        context = exc.context_mark.line if exc.context_mark is not None else None
-        found = _misindented(lines, line - 1, context)
+        found = _misindented(lines, line - 1)
         if found is not None:
             at, message = found
             return ConfigProblem(file, at + 1, "", f"invalid YAML: {message} {_INDENT_HINT}")
@@ -1208,12 +1208,13 @@ def _yaml_problem(text: str, file: str, exc: yaml.MarkedYAMLError) -> ConfigProb
     return ConfigProblem(file, line, "", f"invalid YAML: {redact_keys(what)[:300]}")
 
 
-def _misindented(lines: list[str], bad: int, context: int | None) -> tuple[int, str] | None:
-    """The line whose indentation disagrees with its neighbours', when YAML tripped at `bad` (0-based) on it.
+def _misindented(lines: list[str], bad: int) -> tuple[int, str] | None:
+    """The line before `bad` (0-based), when its indentation is what YAML tripped on at `bad`, and why.
 
-    YAML notices a mis-indented line only at the next one that no longer fits, often the line after it. The
-    line at fault is the odd one out: one between two lines indented alike, the first line of a block whose
-    next lines agree with each other, or the first key of a mapping whose next key sits elsewhere.
+    YAML notices a mis-indented line only at the next one that no longer fits. The line before is at fault
+    when it is the odd one out among lines of its sort (list items, config fields, or names the user chose):
+    between two lines that agree with each other (siblings, not its parent), or the first line of a block
+    whose next lines agree. Otherwise YAML's own line stands.
     """
 
     def content(i: int) -> bool:
@@ -1223,41 +1224,41 @@ def _misindented(lines: list[str], bad: int, context: int | None) -> tuple[int, 
     def indent(i: int) -> int:
         return len(lines[i]) - len(lines[i].lstrip(" "))
 
-    def before(i: int, limit: int = 50) -> int | None:
-        return next((j for j in range(i - 1, max(i - 1 - limit, -1), -1) if content(j)), None)
+    def opens(i: int) -> bool:  # `key:` with its value on the lines below
+        return lines[i].split(" #")[0].rstrip().endswith(":")
 
-    def after(i: int, limit: int = 50) -> int | None:
-        return next((j for j in range(i + 1, min(i + 1 + limit, len(lines))) if content(j)), None)
+    def sort(i: int) -> str:  # a list item, a config field, or a name (an alias, a provider, a param...)
+        text = lines[i].lstrip(" ")
+        if text.startswith("- ") or text == "-":
+            return "item"
+        return "field" if text.split(":", 1)[0].strip("'\" ") in _FIELD_NAMES else "name"
+
+    def before(i: int) -> int | None:
+        return next((j for j in range(i - 1, max(i - 51, -1), -1) if content(j)), None)
+
+    def after(i: int) -> int | None:
+        return next((j for j in range(i + 1, min(i + 51, len(lines))) if content(j)), None)
 
     if not content(bad):
         return None
     here = indent(bad)
-    prev = before(bad)
-    if prev is None or indent(prev) == here:
+    prev, nxt = before(bad), after(bad)
+    if prev is None or indent(prev) == here or sort(prev) != sort(bad):
         return None
     prior = before(prev)
-    nxt = after(bad)
-    if prior is not None and indent(prior) == here:  # prev sits between two lines that agree
+    if prior is None or (nxt is not None and indent(nxt) == indent(prev)):  # then `bad` is the odd one
+        return None
+    parent = opens(prior) and indent(prior) < indent(prev)  # prev is the first line of prior's block
+    if indent(prior) == here and not parent and sort(prior) == sort(prev):  # between two siblings that agree
         return prev, (
             f"this line is indented {indent(prev)} spaces and the lines around it ({prior + 1} and {bad + 1}) "
             f"{here}: indent it like them"
         )
-    opens = prior is not None and lines[prior].split(" #")[0].rstrip().endswith(":")
-    parent = opens and prior is not None and indent(prior) < min(indent(prev), here)
-    if parent and nxt is not None and indent(nxt) == here:  # the first line of a block; the next ones agree
-        return prev, (
+    if parent and indent(prior) < here and nxt is not None and indent(nxt) == here and sort(nxt) == sort(prev):
+        return prev, (  # the first line of a block, whose next lines agree with each other
             f"this line is indented {indent(prev)} spaces and the lines after it ({bad + 1} and {nxt + 1}) "
             f"{here}: indent it like them"
         )
-    if context is not None and context < bad and content(context) and not lines[bad].lstrip().startswith("-"):
-        level = indent(context)
-        alone = all(not content(j) or indent(j) != level for j in range(context + 1, bad))
-        owner = before(context)
-        if here > level and alone and owner is not None and indent(owner) < level:  # the mapping's first key
-            return context, (
-                f"this line is indented {level} spaces and the next key at its level (line {bad + 1}) {here}: "
-                "indent them alike"
-            )
     return None
 
 
@@ -1469,6 +1470,24 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _all_fields(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[str]:
+    """Every key any model under `model` has."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return set()
+    seen.add(model)
+    out = set(model.model_fields)
+    for info in model.model_fields.values():
+        sub = _model_in(info.annotation)
+        if sub is not None:
+            out |= _all_fields(sub, seen)
+    return out
+
+
+# The keys of the config's own models, told apart from names users choose (of aliases, providers, params).
+_FIELD_NAMES = frozenset(_all_fields(RouterConfig) | {"target"})
+
+
 # Sections whose entries are named by the user: a field of an entry written at the level of the names is read
 # as one more entry (`params:` two spaces short is an alias called "params").
 _ENTRIES: dict[str, tuple[str, str, type[BaseModel], str]] = {
@@ -1523,8 +1542,10 @@ def _number_hint(loc: tuple[Any, ...], value: Any, from_env: bool) -> str | None
         return None
     if loc[-1].endswith("_s"):
         m, unit = _SECONDS.match(value), "seconds, without a unit"
-    else:
+    elif "_per_1" in loc[-1] or loc[-1].endswith("_usd"):
         m, unit = _UNITS.match(value), "USD, without $ or a unit"
+    else:
+        return None
     if m is None or (m.group("n") == value.strip()):  # no unit to drop: not this mistake
         return None
     return f"write a plain number of {unit}" + ("" if from_env else f": {m.group('n')}")
@@ -1543,17 +1564,21 @@ def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
 
 def _validation_problems(src: _Source, data: Mapping[str, Any], exc: ValidationError) -> None:
     """Each pydantic error as a problem at its file line, worded for the mistake people make there."""
-    misplaced: set[tuple[Any, ...]] = set()
+    misplaced: dict[tuple[Any, ...], tuple[tuple[Any, ...], str] | None] = {}  # once per key: errors under it are many
+    reported: set[tuple[Any, ...]] = set()
     for err in exc.errors(include_input=False, include_url=False):
         if src.full:
             src.more += 1
             continue
         loc = src.yaml_loc(tuple(err["loc"]))
-        moved = _misplaced(loc, data)
+        head = loc[:2] if len(loc) >= 2 and loc[0] in _ENTRIES else loc
+        if head not in misplaced:
+            misplaced[head] = _misplaced(head, data)
+        moved = misplaced[head]
         if moved is not None:
             at, message = moved
-            if at not in misplaced:
-                misplaced.add(at)
+            if at not in reported:
+                reported.add(at)
                 src.problem(at, message)
             continue
         cause = (err.get("ctx") or {}).get("error")
@@ -1572,7 +1597,7 @@ def _target_hint(text: str, data: Mapping[str, Any], echo: _Echo) -> str:
     providers = data.get("providers")
     if not isinstance(providers, dict) or not providers or echo.hides(text) or len(text) > _ECHO_CHARS:
         return message
-    names = [str(p) for p in list(providers)[:4]]
+    names = [str(p) for p in itertools.islice(providers, 4)]
     more = ", ..." if len(providers) > 3 else ""
     return f"{message}, e.g. {_PLAIN_ECHO(names[0] + '/' + text)} (providers: {', '.join(names[:3])}{more})"
 

@@ -681,12 +681,36 @@ def test_a_provider_field_indented_at_the_level_of_the_providers_points_at_the_i
     )
 
 
+def test_a_provider_field_at_the_top_level_points_under_the_last_provider() -> None:
+    text = yaml_text("""
+        version: 1
+        providers:
+          local:
+            kind: openai
+        api_base: http://127.0.0.1:8000/v1
+        aliases:
+          fast: {targets: [local/llama3]}
+    """)
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'api_base')}: api_base: `api_base` sits at the top level; "
+        "indent it under provider 'local'"
+    )
+
+
 @pytest.mark.parametrize("price", ['"$0.15"', "$0.15", "'$ 0.15'", '"0.15$"', '"0.15 USD"'])
 def test_a_price_written_with_a_dollar_sign_says_to_write_a_plain_number(price: str) -> None:
     text = BASE + f"pricing:\n  openai/gpt-4o:\n    input_per_1m: {price}\n    output_per_1m: 0.6\n"
     assert only(text) == (
         f"test.yaml:{line_of(text, 'input_per_1m')}: pricing.openai/gpt-4o.input_per_1m: "
         "write a plain number of USD, without $ or a unit: 0.15"
+    )
+
+
+def test_a_timeout_written_with_its_unit_says_to_write_seconds_as_a_plain_number() -> None:
+    text = BASE + 'defaults:\n  timeout_s: "30s"\n'
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'timeout_s')}: defaults.timeout_s: "
+        "write a plain number of seconds, without a unit: 30"
     )
 
 
@@ -750,20 +774,19 @@ DEDENTED = [
         """,
         "api_key",
     ),
-    (  # an alias key one space short of its siblings, with a list under it
+    (  # the first item of a list one space deeper than the items after it
         """\
         version: 1
         providers:
           local: {kind: openai}
         aliases:
           fast:
-           targets:
-              - local/llama3
+            targets:
+               - local/llama3
               - local/qwen
-            params:
-              temperature: 0.2
+              - local/mistral
         """,
-        "targets:",
+        "llama3",
     ),
 ]
 
@@ -774,6 +797,41 @@ def test_a_mis_indented_line_is_reported_on_that_line(text: str, wrong: str) -> 
     got = only(text, {})
     assert got.startswith(f"test.yaml:{line_of(text, wrong)}: invalid YAML: "), got
     assert "indent" in got
+
+
+def reindented(text: str) -> list[tuple[int, str]]:
+    """Every way to shift one line of `text` by one or two spaces: (the 1-based line shifted, the new text)."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        stripped = line.lstrip(" ")
+        if not stripped.strip() or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        for shift in (-2, -1, 1, 2):
+            if indent + shift >= 0:
+                out.append((i + 1, "".join(lines[:i] + [" " * (indent + shift) + stripped] + lines[i + 1 :])))
+    return out
+
+
+def test_when_a_yaml_error_is_moved_off_yamls_own_line_it_is_moved_to_the_line_that_is_wrong() -> None:
+    moved = 0
+    for changed, text in reindented((ROOT / "config" / "router.yaml").read_text()):
+        try:
+            yaml.load(text, Loader=yaml.CSafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            assert mark is not None
+            yamls_line = mark.line + 1
+        else:
+            continue
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, "r.yaml", {})
+        (problem,) = info.value.problems
+        if problem.line != yamls_line:
+            moved += 1
+            assert problem.line == changed, f"line {changed} was shifted; the error names {problem}"
+    assert moved >= 10  # the rule does move errors: a shifted line reported one line too late
 
 
 def test_a_dedented_api_base_names_the_lines_it_disagrees_with() -> None:
