@@ -1508,7 +1508,7 @@ def _misplaced(loc: tuple[Any, ...], data: Mapping[str, Any]) -> tuple[tuple[Any
             prev = _key_before(section, loc[1])
             under = f"indent it under {what} {_PLAIN_ECHO(prev)}" if prev is not None else f"indent it under a {what}"
             return loc[:2], f"`{loc[1]}` sits at the level of the {plural}; {under}"
-    if len(loc) == 1 and isinstance(loc[0], str):
+    if len(loc) == 1 and isinstance(loc[0], str) and loc[0] not in RouterConfig.model_fields:
         prev = _key_before(data, loc[0])
         if prev == "defaults" and loc[0] in DefaultsConfig.model_fields:
             return loc, f"`{loc[0]}` sits at the top level; indent it under defaults"

@@ -659,6 +659,14 @@ def test_an_alias_field_indented_at_the_level_of_the_aliases_points_at_the_inden
     )
 
 
+def test_a_top_level_section_named_like_an_alias_field_is_not_misplaced() -> None:
+    # `cache` is an alias field and a top-level section: an error inside the section is about the section
+    text = BASE + "cache: {store: file}\n"
+    assert only(text) == f"test.yaml:{line_of(text, 'cache:')}: cache: store: file needs a path " + (
+        "(e.g. /var/cache/llm-router/cache.sqlite)"
+    )
+
+
 def test_an_alias_really_named_like_a_field_is_still_an_alias() -> None:
     text = "version: 1\nproviders: {openai: {kind: openai}}\naliases:\n  system: {targets: [openai/gpt-4o]}\n"
     assert [t.key for t in parse(text).targets("system")] == ["openai/gpt-4o"]
