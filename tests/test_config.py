@@ -866,6 +866,16 @@ def test_a_misspelt_provider_kind_is_an_error_with_a_suggestion() -> None:
     )
 
 
+def test_no_provider_of_the_installed_litellm_is_taken_for_a_typo() -> None:
+    import litellm
+
+    from router.config import LITELLM_PROVIDERS, _kind_typo
+
+    installed = {getattr(p, "value", p) for p in litellm.provider_list}
+    assert [p for p in sorted(installed) if _kind_typo(p) is not None] == []
+    assert installed >= LITELLM_PROVIDERS  # the list names real providers
+
+
 @pytest.mark.parametrize("kind", ["openai", "anthropic", "openrouter", "gemini", "azure", "ollama", "vllm", "my-own"])
 def test_known_and_unknown_but_unlike_any_provider_kinds_load(kind: str) -> None:
     assert parse(minimal(providers=f"{{p: {{kind: {kind}}}}}")).targets("a")[0].kind == kind
