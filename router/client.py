@@ -30,8 +30,9 @@ from .health import CircuitStore, KeyStore, MemoryCircuitStore, MemoryKeyStore
 from .hooks import Hook, Hooks
 from .loop import CallLoop, Context
 from .metrics import RouterMetrics
-from .planner import CallArgs, Plan, Snapshot, config_secrets, disabled_providers, make_plan
+from .planner import CallArgs, Plan, Snapshot, disabled_providers, make_plan
 from .plugins import Pool, wire
+from .secrets import config_secrets, guard_logs
 from .state import shared_state
 
 __all__ = ["AsyncStream", "Router", "Stream"]
@@ -137,8 +138,9 @@ class Router:
                 log.warning("the state section changes at restart only; keeping state.backend %s", old.state.backend)
             old_snap, self._snap = self._snap, self._snapshot(config)
             old_snap.retire()  # its hooks are let go of once the calls that started on it end
-            self.metrics.reload_result(True)
+            # The sha switches first: a scrape that sees this reload counted sees only the new sha in force.
             self.metrics.config_in_force(config.sha256, old.sha256, time.time())
+            self.metrics.reload_result(True)
             log.info("config reloaded from %s (sha256 %s)", config.source, config.sha256[:12])
             return True
 
@@ -256,7 +258,8 @@ class Router:
                 self._pool.release(key)
 
         all_hooks = Hooks([*hooks, *self._user_hooks])
-        return Snapshot(config, disabled_providers(config, os.environ), config_secrets(config), all_hooks, release)
+        secrets = guard_logs(config_secrets(config))  # scrubbed from every error text and every log line
+        return Snapshot(config, disabled_providers(config, os.environ), secrets, all_hooks, release)
 
     def _plan(self, args: CallArgs) -> Plan:
         """The call's plan on the snapshot in force, which it enters (CallLoop.run leaves it when the call ends)."""

@@ -16,11 +16,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import replace
 from typing import Any
 
 from .background import background_loop, run_on
 from .engines import Chunk, Send, engine_for
+from .errors import HookFailedError
 from .loop import (
     CancelStep,
     Effect,
@@ -33,7 +36,7 @@ from .loop import (
     StreamStep,
     WaitStep,
 )
-from .streams import StreamState, within
+from .streams import StreamState, close_later, within
 from .types import Result
 
 # -- the drivers ------------------------------------------------------------------------------------------------
@@ -48,7 +51,7 @@ def drive(loop: Loop, stream: bool, sleep: Callable[[float], None]) -> Any:
         while True:
             if isinstance(step, StreamStep):
                 handed_over = True
-                return Stream(loop, step.state)
+                return Stream(loop, step.state, step.rewrite)
             if isinstance(step, (LaunchStep, WaitStep, CancelStep)):
                 racer = racer or SyncRacer()
                 reply = racer.do(step)
@@ -73,7 +76,7 @@ async def adrive(loop: Loop, stream: bool, asleep: Callable[[float], Any]) -> An
         while True:
             if isinstance(step, StreamStep):
                 handed_over = True
-                return AsyncStream(loop, step.state)
+                return AsyncStream(loop, step.state, step.rewrite)
             if isinstance(step, (LaunchStep, WaitStep, CancelStep)):
                 racer = racer or AsyncRacer()
                 reply = await racer.do(step)
@@ -341,20 +344,30 @@ def _pieces(text: str, size: int = 24) -> list[str]:
 
 
 class _StreamBase:
-    """What `Stream` and `AsyncStream` share: the content already read, and handing the end back to the loop."""
+    """What `Stream` and `AsyncStream` share: the content already read, the hooks' rewrite of its text on the way
+    to the caller, and handing the end back to the loop."""
 
-    def __init__(self, loop: Loop | None, state: StreamState) -> None:
+    def __init__(self, loop: Loop | None, state: StreamState, rewrite: Callable[[str, bool], str] | None = None):
         self._loop = loop
         self._answer: Result | None = None
         self._state = state
         self._pending = list(state.pending)  # the content read while deciding this target would do
         self._done = False
+        self._ended = False  # the source has ended (what a rewrite held back may still be to come)
+        self._rewrite = rewrite
+        if rewrite is not None:
+            state.shown = []
         self.result: Result | None = None
+        if loop is not None:
+            # A stream dropped unread: its loop (which counts the attempt and runs the after-hooks) is closed on
+            # the closer thread, never in whatever thread the garbage collector happens to run in, which may hold
+            # a lock a hook takes (the ledger's queue, a span's) mid-request.
+            self._finalizer = weakref.finalize(self, close_later, loop)
 
     @property
     def text(self) -> str:
-        """The text received so far."""
-        return self._state.text
+        """The text given so far."""
+        return self._state.shown_text
 
     @classmethod
     def replay(cls, result: Result) -> Any:
@@ -367,9 +380,30 @@ class _StreamBase:
         stream._answer = result
         return stream
 
+    def _shown(self, chunk: Chunk) -> Chunk:
+        """A chunk as the caller is given it: its text through the hooks' rewrite (HookFailedError if it fails)."""
+        if self._rewrite is None or not chunk.text:
+            return chunk
+        text = self._rewrite(chunk.text, False)
+        assert self._state.shown is not None
+        self._state.shown.append(text)
+        return replace(chunk, text=text)
+
+    def _tail(self) -> Chunk | None:
+        """At the end of the source: what the hooks' rewrite held back, if anything."""
+        if self._rewrite is None:
+            return None
+        text = self._rewrite("", True)
+        if not text:
+            return None
+        assert self._state.shown is not None
+        self._state.shown.append(text)
+        return Chunk(text=text)
+
     def _finish(self, error: BaseException | None) -> None:
         # The loop accounts for the stream: it returns the Result, or raises StreamInterruptedError.
         self._done = True
+        self._disown()
         self._state.error = error
         if self._loop is None:  # a replay: the call is already accounted for
             self.result = self._answer
@@ -379,11 +413,28 @@ class _StreamBase:
         except StopIteration as done:
             self.result = done.value
 
+    def _failed(self, exc: HookFailedError) -> None:
+        """A rewrite failed: the loop counts the stream as stopped and the call as failed; raises `exc`."""
+        self._done = True
+        self._disown()
+        if self._loop is not None:
+            try:
+                self._loop.throw(exc)
+            except StopIteration:  # the loop ended without re-raising: the caller still gets the failure
+                pass
+
     def _abandon(self) -> bool:
         if self._done:
             return False
         self._done = True
+        self._disown()
         return True
+
+    def _disown(self) -> None:
+        """The stream ends here, on the caller's thread: nothing is left for the finalizer."""
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer.detach()
 
 
 class Stream(_StreamBase):
@@ -409,19 +460,33 @@ class Stream(_StreamBase):
             yield chunk
 
     def _next_content(self) -> Chunk | None:
+        try:
+            return self._content()
+        except HookFailedError as exc:
+            self._state.close()
+            self._failed(exc)
+            raise
+
+    def _content(self) -> Chunk | None:
         if self._pending:
-            return self._pending.pop(0)
+            return self._shown(self._pending.pop(0))
         while not self._done:
+            if self._ended:
+                self._finish(None)
+                break
             try:
                 chunk = self._state.next_chunk()
             except StopIteration:
-                self._finish(None)
-                break
+                self._ended = True
+                tail = self._tail()
+                if tail is not None:
+                    return tail
+                continue
             except Exception as exc:
                 self._finish(exc)
                 break
             if self._state.feed(chunk):
-                return chunk
+                return self._shown(chunk)
         return None
 
     def close(self) -> None:
@@ -456,19 +521,33 @@ class AsyncStream(_StreamBase):
             yield chunk
 
     async def _next_content(self) -> Chunk | None:
+        try:
+            return await self._content()
+        except HookFailedError as exc:
+            await self._state.aclose()
+            self._failed(exc)
+            raise
+
+    async def _content(self) -> Chunk | None:
         if self._pending:
-            return self._pending.pop(0)
+            return self._shown(self._pending.pop(0))
         while not self._done:
+            if self._ended:
+                self._finish(None)
+                break
             try:
                 chunk = await self._state.anext_chunk()
             except StopAsyncIteration:
-                self._finish(None)
-                break
+                self._ended = True
+                tail = self._tail()
+                if tail is not None:
+                    return tail
+                continue
             except Exception as exc:
                 self._finish(exc)
                 break
             if self._state.feed(chunk):
-                return chunk
+                return self._shown(chunk)
         return None
 
     async def aclose(self) -> None:

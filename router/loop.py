@@ -26,6 +26,7 @@ from .engines import Answer, Failure, InvalidResponse, Send, StreamLimits, engin
 from .errors import (
     AllTargetsFailedError,
     DeadlineExceededError,
+    HookFailedError,
     MissingCredentialsError,
     ProviderError,
     RouterError,
@@ -58,9 +59,11 @@ class SendStep:
 
 @dataclass(frozen=True)
 class StreamStep:
-    """Hand an opened stream to the caller; the loop is sent the same state back when the stream ends."""
+    """Hand an opened stream to the caller; the loop is sent the same state back when the stream ends. `rewrite`:
+    what each text delta (then "" at the end, `final` True) passes through on its way to the caller."""
 
     state: StreamState
+    rewrite: Callable[[str, bool], str] | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,7 @@ class CallLoop:
         try:
             answered = None
             if self.hooks:
+                self._rewrite_requests()
                 answered = yield from self._hook(self.hooks.call_started, self.plan.call)
             if answered is None:
                 for s in self.plan.skipped:
@@ -332,8 +336,19 @@ class CallLoop:
         self.plan, passed = replan(plan, rr.alias, self.ctx.rng)
         for s in passed:
             self._skip(s)
+        self._rewrite_requests(into_call=False)
         self.planned_at = len(self.attempts)
         self.queue = list(self.plan.targets)
+
+    def _rewrite_requests(self, into_call: bool = True) -> None:
+        """The plan's request bodies as the hooks rewrite them: what every later hook and the provider see."""
+        hooks, call = self.hooks, self.plan.call
+        if not hooks.request_rewriters:
+            return
+        targets = tuple((t, hooks.rewrite_request(call, t, body)) for t, body in self.plan.targets)
+        self.plan = replace(self.plan, targets=targets)
+        if into_call:
+            call.requests = targets
 
     def _retry_lost_race(self, chosen: Chosen, failure: Failure) -> Generator[Effect, Any, bool]:
         """A lost race with nothing left to fall back to: the first target gets its usual retries."""
@@ -471,17 +486,18 @@ class CallLoop:
         m.first_token(self.alias, target.provider, target.model, clock() - flight.t0)
         if self.plan.hedge is not None:
             self.ctx.latencies.add(target.key, True, clock() - flight.t0)
+        rewrite = partial(self.hooks.rewrite_text, self.plan.call) if self.hooks.text_rewriters else None
         try:
-            yield StreamStep(state)  # the caller reads the stream; we are resumed when it ends or breaks
-        except GeneratorExit:  # the caller stopped reading (closed the stream, or dropped it)
+            yield StreamStep(state, rewrite)  # the caller reads the stream; we are resumed when it ends or breaks
+        except (GeneratorExit, HookFailedError) as stopped:  # the caller stopped reading, or a rewrite failed
             bill = self._stream_bill(flight.done(clock), state, None)
-            self._attempted(flight, "cancelled", bill=bill, listed=False)
+            self._attempted(flight, "cancelled", bill=bill, listed=isinstance(stopped, HookFailedError))
             raise
         bill = self._stream_bill(flight.done(clock), state, state.provider_cost)
         if state.error is None and state.finished:
             self._attempted(flight, "success", bill=bill)
             self._record_health(target, False, flight.probe)
-            return self._result(target, state.text, bill, tool_calls=state.tool_call_list())
+            return self._result(target, state.shown_text, bill, tool_calls=state.tool_call_list())
         error = state.error
         text = self._classify(target, error).message if error is not None else state.unfinished_reason
         failure = Failure("stream_interrupted", None, None, text)
@@ -491,7 +507,8 @@ class CallLoop:
         log.warning(
             "%s: stream from %s broke off after %d characters: %s", self.alias, target.key, len(state.text), text
         )
-        raise StreamInterruptedError(self.alias, self.attempts, state.text, bill.usage, bill.cost) from state.error
+        shown = state.shown_text
+        raise StreamInterruptedError(self.alias, self.attempts, shown, bill.usage, bill.cost) from state.error
 
     def _succeeded(self, flight: InFlight, answered: Answered, also_billed: float = 0.0) -> Result:
         """An answered request: bill it, count it, close its breaker, and make the call's Result (`also_billed`:
@@ -500,10 +517,22 @@ class CallLoop:
         bill = self._answer_bill(flight.target, answer)
         self._attempted(flight, "success", bill=bill)
         self._record_health(flight.target, False, flight.probe)
+        text, parsed = answer.text, answered.parsed
+        if self.hooks.text_rewriters:
+            text, parsed = self._rewritten(text, parsed)
         return self._result(
-            flight.target, answer.text, bill, also_billed, parsed=answered.parsed, raw=answered.raw,
-            tool_calls=answer.tool_calls,
-        )  # fmt: skip
+            flight.target, text, bill, also_billed, parsed=parsed, raw=answered.raw, tool_calls=answer.tool_calls
+        )
+
+    def _rewritten(self, text: str, parsed: Any) -> tuple[str, Any]:
+        """An answer's text as the hooks rewrite it, and a structured answer parsed again from that text."""
+        text = self.hooks.rewrite_text(self.plan.call, text, True)
+        if self.plan.fmt is None:
+            return text, parsed
+        try:
+            return text, structured.parse(text, self.plan.fmt)
+        except InvalidResponse as exc:
+            raise HookFailedError("(the text rewrites)", "rewrite_text") from exc
 
     def _result(self, target: Target, text: str, bill: Bill, also_billed: float = 0.0, **more: Any) -> Result:
         return Result(

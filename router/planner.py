@@ -100,13 +100,6 @@ def disabled_providers(config: RouterConfig, env: Mapping[str, str]) -> frozense
     return disabled
 
 
-def config_secrets(config: RouterConfig) -> tuple[str, ...]:
-    """Values to scrub from every error text: the configured keys (short literals like "none" are not secrets)."""
-    return tuple(
-        v for p in config.providers.values() for k in p.api_keys() if len(v := k.secret.get_secret_value()) >= 6
-    )
-
-
 @dataclass(frozen=True)
 class CallArgs:
     """What generate() was asked, as given."""

@@ -25,7 +25,6 @@ import json
 import logging
 import threading
 from collections.abc import Callable, Hashable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
     from ..config import RouterConfig
     from ..hooks import Hook
     from ..metrics import RouterMetrics
-    from .store import Cursor, Store
+    from .store import Store
 
 log = logging.getLogger("router")
 
@@ -189,7 +188,7 @@ def _ledger(config: RouterConfig, metrics: RouterMetrics, pool: Pool) -> Hook | 
     from .ledger import Ledger
 
     assert config.ledger is not None
-    return Ledger(config.ledger)
+    return Ledger(config.ledger, metrics=metrics)
 
 
 PLUGINS: tuple[Plugin, ...] = (
@@ -232,15 +231,11 @@ def config_hooks(config: RouterConfig, metrics: RouterMetrics) -> list[Hook]:
 
 
 class _Borrowed:
-    """A shared store lent to one hook: its close() gives it back to the pool instead of closing it."""
+    """A shared store lent to one hook: everything but close() is the store's; close() gives it back to the pool."""
 
     def __init__(self, store: Store, give_back: Callable[[], None]) -> None:
         self._store = store
         self._give_back: Callable[[], None] | None = give_back
-
-    def transaction(self, lock: bool = False) -> AbstractContextManager[Cursor]:
-        """The shared store's transaction."""
-        return self._store.transaction(lock)
 
     def close(self) -> None:
         """Give the store back (once)."""

@@ -207,8 +207,9 @@ class TracingHook(Hook):
             "llm_router.call_id": call.id,
             "llm_router.stream": call.stream,
         }
-        if self.capture_content:
-            attrs["gen_ai.input.messages"] = _input_messages(call.messages)
+        if self.capture_content:  # what was sent (hooks may have rewritten it), as the first target gets it
+            sent = call.requests[0][1].get("messages") if call.requests else None
+            attrs["gen_ai.input.messages"] = _input_messages(list(sent) if sent is not None else call.messages)
         return self.tracer.start_span(
             f"{OPERATION} {call.alias}", kind=SpanKind.INTERNAL, attributes=attrs, start_time=start_time
         )
