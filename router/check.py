@@ -35,7 +35,7 @@ from .engines import Send, engine_for
 from .errors import redact
 from .planner import disabled_providers
 from .policy import static_skip
-from .secrets import config_secrets, guard_logs
+from .secrets import guard_logs
 from .types import Usage
 
 WARNING = (
@@ -285,7 +285,7 @@ def check_config(
     """Check every target of `aliases` (default: all) as a call made in `env` (default: this process's) would
     send to it: providers that LLM_ROUTER_DISABLED_PROVIDERS switches off are not sent to, as keys unset."""
     env = os.environ if env is None else env
-    secrets = guard_logs(config_secrets(cfg))  # what litellm or a provider logs or echoes is scrubbed too
+    secrets = guard_logs(cfg.secrets())  # what litellm or a provider logs or echoes is scrubbed too
     probes = plan_probes(cfg, list(aliases) or list(cfg.aliases), disabled_providers(cfg, env))
     return run_checks(probes, parallel=parallel, timeout_s=timeout_s, secrets=secrets, env=env)
 
