@@ -233,7 +233,7 @@ def run_checks(
     sent = [p for p in probes if p.skip is None]
     for engine in {engine_for(p.target) for p in sent}:
         engine.load()  # imports LiteLLM (seconds) before any clock starts
-    kinds = {(p.target.engine, p.target.kind): p.target for p in sent}
+    kinds = {(p.target.engine, p.target.kind): p.target for p in sent if p.target.kind in WARM_UP_KINDS}
 
     def one(probe: Probe) -> TargetCheck:
         limit = min(timeout_s, probe.target.timeout_s)
@@ -257,6 +257,18 @@ def _closed_port() -> Iterator[str]:
         yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
+# Kinds whose requests LiteLLM sends to `api_base` when one is given (checked on the sandbox): a warm-up request
+# to a closed port reaches no one. Others (bedrock, vertex_ai, ...) may sign and send to their cloud whatever
+# api_base says, so they get no warm-up, and their first request's latency includes LiteLLM's imports.
+WARM_UP_KINDS = frozenset(
+    {
+        "openai", "openrouter", "anthropic", "azure", "gemini", "ollama", "groq", "mistral", "deepseek",
+        "together_ai", "fireworks_ai", "xai", "cohere", "perplexity", "huggingface", "cerebras",
+    }
+)  # fmt: skip
+WARM_UP_S = 10.0  # bounds the imports only: the closed port refuses the request at once
+
+
 def _warm_up(target: Target, nowhere: str) -> None:
     """Pay the one-time setup of a kind of provider before any clock starts: LiteLLM imports a provider's code
     path at its first request (~1 s, serialised across threads), which would show as every target's latency.
@@ -264,12 +276,12 @@ def _warm_up(target: Target, nowhere: str) -> None:
     bare = replace(target, api_base=nowhere, keys=(), headers={})
     thread = threading.Thread(target=_send_quietly, args=(bare,), name="llm-router-check-warm-up", daemon=True)
     thread.start()
-    thread.join(3.0)
+    thread.join(WARM_UP_S + GRACE_S)
 
 
 def _send_quietly(target: Target) -> None:
     try:
-        engine_for(target).complete(Send(target, PROBE_BODY, 1.0, "warm-up"))
+        engine_for(target).complete(Send(target, PROBE_BODY, WARM_UP_S, "warm-up"))
     except Exception:  # refused, as intended
         pass
 
@@ -283,7 +295,8 @@ def check_config(
     env: Mapping[str, str] | None = None,
 ) -> list[TargetCheck]:
     """Check every target of `aliases` (default: all) as a call made in `env` (default: this process's) would
-    send to it: providers that LLM_ROUTER_DISABLED_PROVIDERS switches off are not sent to, as keys unset."""
+    send to it. Targets whose key is unset, or whose provider is switched off (`enabled: false`,
+    LLM_ROUTER_DISABLED_PROVIDERS), are reported and not sent anything."""
     env = os.environ if env is None else env
     secrets = guard_logs(cfg.secrets())  # what litellm or a provider logs or echoes is scrubbed too
     probes = plan_probes(cfg, list(aliases) or list(cfg.aliases), disabled_providers(cfg, env))
