@@ -71,6 +71,10 @@ log = logging.getLogger("router")
 
 CLOSE_WAIT_S = 2.0  # Router.close() and process exit wait this long for shadows under way, then cancel them...
 CANCEL_WAIT_S = 0.5  # ...and this long for the cancelled ones to be counted and written
+# A shadow starts at a random moment within this long after its primary answered, not at once: its CPU work (the
+# engine preparing a request takes milliseconds) then rarely lands on the caller's own, which at that moment is
+# finishing the call, and competes with it for the interpreter lock.
+START_SPREAD_S = 0.05
 _SENT = "shadow.sent"  # Call.data key: target key -> the request body it was sent
 _NOT_PLAIN = frozenset({"stream", "stream_options"})  # a streamed primary's shadow is a plain request
 
@@ -174,6 +178,7 @@ class _Job:
     ledger: Hook | None
     budgets: Hook | None
     borrowed: tuple[Hashable, ...]  # pool keys of the ledger and budgets, given back when the job ends
+    start_after_s: float = 0.0
 
 
 class ShadowHook(Hook):
@@ -194,6 +199,7 @@ class ShadowHook(Hook):
         self.pool = pool
         self.key_of = key_of
         self.rng = rng or random.Random()
+        self._spread = random.Random()  # when each shadow starts (apart from `rng`, which only draws the sample)
         self._cond = threading.Condition()
         self._in_flight: Counter[str] = Counter()  # per alias, in this process
         self._futures: set[concurrent.futures.Future[Any]] = set()
@@ -311,7 +317,8 @@ class ShadowHook(Hook):
         scall.data[SHADOW_MARK] = (call.id, None, None)
         key = next((k for k in target.keys if k.usable), None)
         fmt = call.response_format
-        job = _Job(call.alias, target, body, key, scall, primary, fmt, ledger, budgets, tuple(borrowed))
+        start_after = self._spread.uniform(0.0, START_SPREAD_S)
+        job = _Job(call.alias, target, body, key, scall, primary, fmt, ledger, budgets, tuple(borrowed), start_after)
         self.metrics.shadow_running(call.alias, 1)
         fut = run_on(background_loop(), self._run(job))
         with self._cond:
@@ -333,6 +340,11 @@ class ShadowHook(Hook):
 
     async def _run(self, job: _Job) -> None:
         try:
+            try:
+                await asyncio.sleep(job.start_after_s)
+            except asyncio.CancelledError:  # the router closed before it was sent
+                self.metrics.shadow_skip(job.alias, job.target.provider, job.target.model, "closing")
+                raise
             if job.budgets is not None and not await self._reserve(job):
                 return
             await self._request(job)
