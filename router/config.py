@@ -1178,6 +1178,9 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
             loc = ("aliases", alias_name, "shadow", "targets")
             found = [m for j, t in enumerate(alias.shadow.targets) if (m := resolve(t, (*loc, j))) is not None]
             shadows[alias_name] = tuple(found)
+    for key in cfg.pricing:
+        if key not in spelled:
+            src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
     cfg._tiers = tiers
     cfg._shadows = shadows
     _check_budgets(cfg, src)

@@ -62,6 +62,7 @@ ADDED_COLUMNS = (
     ("agreement", "DOUBLE PRECISION"),  # a shadow's agreement with the primary's answer, 0 to 1
     ("agreement_kind", "TEXT"),  # how it was measured: parsed (structured output), tools, or text
 )
+OLDER_ROW_LENGTHS = (len(CALL_COLUMNS) - len(ADDED_COLUMNS),)  # the rows of the versions before those columns
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS llm_calls (
@@ -141,12 +142,12 @@ class Store:
         raise NotImplementedError
 
     def insert_calls(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Insert ledger rows (in CALL_COLUMNS order; a shorter row, spooled by an older version, ends in NULLs);
-        a row whose id is already there is left as it is."""
+        """Insert ledger rows (in CALL_COLUMNS order; a row an older version spooled gets NULL in the columns added
+        since); a row whose id is already there is left as it is. A row of any other shape is refused."""
         cols = ", ".join(CALL_COLUMNS)
         marks = ", ".join(self._json_mark if c == "tags" else "?" for c in CALL_COLUMNS)
         n = len(CALL_COLUMNS)
-        rows = [r if len(r) >= n else (*r, *(None,) * (n - len(r))) for r in rows]
+        rows = [(*r, *(None,) * (n - len(r))) if len(r) in OLDER_ROW_LENGTHS else r for r in rows]
         with self.transaction() as cur:
             cur.executemany(f"INSERT INTO llm_calls ({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING", rows)
 
