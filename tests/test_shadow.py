@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -687,6 +690,21 @@ def test_the_report_pairs_each_shadow_with_its_primary(
     assert main(["shadow-report", "-c", str(path), "--since", "1h", "--alias", "plain"]) == 0
     assert "no shadow request in this window" in capsys.readouterr().out
     assert main(["shadow-report", "-c", str(path), "--since", "yesterday-ish"]) == 1
+
+
+def test_the_report_does_not_import_litellm(tmp_path: Path) -> None:
+    path = tmp_path / "router.yaml"
+    path.write_text(config(extra=ledger_at(tmp_path / "ledger.sqlite3")).replace("{UP}", "http://127.0.0.1:9"))
+    code = (
+        "import sys, router.cli; "
+        f"rc = router.cli.main(['shadow-report', '-c', {str(path)!r}]); "
+        "assert 'litellm' not in sys.modules, 'litellm imported'; "
+        "sys.exit(rc)"
+    )
+    env = {**os.environ, **standard_env()}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "no shadow request in this window" in proc.stdout
 
 
 def test_report_arithmetic_on_plain_rows() -> None:
