@@ -210,6 +210,8 @@ def test_the_shadow_gets_the_request_the_answering_target_was_sent(
     r = make_router(config())
     res = r.generate("What is a cat?", top_p=0.9, tags={"tenant": "acme"})
     assert (res.text, res.provider, res.attempts[-1].outcome) == (PRIMARY_TEXT, "q", "success")
+    assert [a.provider for a in res.attempts] == ["p", "p", "q"]  # the shadow is none of the caller's attempts
+    assert res.cost_usd == pytest.approx((10 * 1.0 + 6 * 2.0) / 1e6)  # nor of its cost
     settle(r)
     (primary,) = up.requests("sh-q")
     (shadow,) = up.requests("sh-s")

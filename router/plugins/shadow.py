@@ -364,6 +364,9 @@ class ShadowHook(Hook):
         except RouterError:  # refused (a Reroute too: a shadow is never moved to another alias), or out of time
             self.metrics.shadow_skip(job.alias, t.provider, t.model, "budget")
             return False
+        except asyncio.CancelledError:  # the router closed before it was sent (_end gives back any hold made)
+            self.metrics.shadow_skip(job.alias, t.provider, t.model, "closing")
+            raise
         return True
 
     async def _request(self, job: _Job) -> None:
