@@ -4,8 +4,9 @@ An alias with ``shadow: {targets: [...], percent: 5, max_in_flight: 8}`` has, fo
 the request the answering target was sent (as the hooks rewrote it: system prompt, response format, tools and
 params included; a stream's as a plain request) sent to each shadow target once the primary has answered (a
 stream: once it has ended well). The caller never waits for a shadow and never sees its answer or its error:
-`ShadowHook.call_finished` only draws the sample and hands the work to the background event loop
-(`router.background`). What is compared, per shadow request:
+`ShadowHook.call_finished` only draws the sample and hands the work to an event loop in a thread of its own
+(`router.background.own_loop`: a loop of its own, so that a shadow never holds up the requests sync callers send
+on the background loop). What is compared, per shadow request:
 
     outcome, duration        `llm_router_shadow_requests_total{alias, provider, model, outcome}`, `..._duration_seconds`
     tokens, cost             `llm_router_shadow_tokens_total`, `llm_router_shadow_cost_usd_total`
@@ -50,7 +51,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .. import structured
-from ..background import background_loop, run_on
+from ..background import own_loop, run_on
 from ..engines import Answer, Failure, engine_for
 from ..engines import Send as EngineSend
 from ..errors import RouterError
@@ -320,7 +321,7 @@ class ShadowHook(Hook):
         start_after = self._spread.uniform(0.0, START_SPREAD_S)
         job = _Job(call.alias, target, body, key, scall, primary, fmt, ledger, budgets, tuple(borrowed), start_after)
         self.metrics.shadow_running(call.alias, 1)
-        fut = run_on(background_loop(), self._run(job))
+        fut = run_on(own_loop("llm-router-shadow"), self._run(job))
         with self._cond:
             self._futures.add(fut)
         fut.add_done_callback(self._forget)
@@ -469,7 +470,7 @@ class ShadowHook(Hook):
                 return
             futures = list(self._futures)
         for fut in futures:
-            fut.cancel()  # cancels its task on the background loop, which records it as cancelled
+            fut.cancel()  # cancels its task on the shadow loop, which records it as cancelled
         with self._cond:
             self._cond.wait_for(lambda: not any(self._in_flight.values()), CANCEL_WAIT_S)
         if not futures:
