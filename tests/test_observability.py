@@ -52,7 +52,9 @@ providers:
   cut: {kind: openai, api_base: "{UP}/cut/v1", api_key: sk-obs-cut-000000}
   premium: {kind: openai, api_base: "{UP}/fast/v1", api_key: "${LLM_ROUTER_OBS_TEST_UNSET_KEY}"}
 aliases:
-  chat: {targets: [flaky/sim-large, fast/sim-large]}
+  chat:
+    targets: [flaky/sim-large, fast/sim-large]
+    shadow: {targets: [fast/sim-small, premium/sim-xl], percent: 100}
   premium: {targets: [premium/sim-xl, fast/sim-small]}
   free: {targets: [fast/unpriced]}
   doomed: {targets: [flaky/sim-large]}
