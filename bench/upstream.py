@@ -1,8 +1,9 @@
 """A loopback OpenAI-compatible upstream for the benchmark, run in its own process.
 
 ``POST /{route}/v1/chat/completions`` answers a fixed, small ``chat.completion`` with usage, from bytes built
-once; a route whose name starts with ``fail`` answers 503 at once, and one starting with ``cost`` adds
-OpenRouter's ``usage.cost`` (the provider-reported price the router must keep reading). Being another
+once; a route whose name starts with ``fail`` answers 503 at once, one starting with ``cost`` adds
+OpenRouter's ``usage.cost`` (the provider-reported price the router must keep reading), and ``wait<N>`` answers
+after N ms ±20% (a provider's think time, for latency benchmarks). Being another
 process, its CPU never shows in the benchmark's ``time.process_time()``; it is pinned to its own core where
 there is one to spare, so it is not the bottleneck.
 
@@ -47,8 +48,12 @@ FAIL_BODY = json.dumps({"error": {"message": "bench: unavailable", "type": "serv
 def serve(cpu: int | None = None) -> None:
     """Serve forever on a free loopback port; print ``PORT <n>`` on stdout once listening."""
     import asyncio
+    import random
+    import re
 
     from aiohttp import web
+
+    wait = re.compile(r"^wait(\d+)")
 
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
@@ -58,6 +63,9 @@ def serve(cpu: int | None = None) -> None:
         route = request.match_info["route"]
         if route.startswith("fail"):
             return web.Response(status=503, body=FAIL_BODY, content_type="application/json")
+        m = wait.match(route)
+        if m:
+            await asyncio.sleep(int(m.group(1)) / 1000 * random.uniform(0.8, 1.2))
         return web.Response(body=COST_BODY if route.startswith("cost") else BODY, content_type="application/json")
 
     async def main() -> None:

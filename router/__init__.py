@@ -36,6 +36,7 @@ from .errors import (
 from .gateway import async_openai_client, openai_client
 from .hooks import AttemptReport, Call, Hook
 from .metrics import RouterMetrics
+from .shadow_report import query_shadow_report
 from .types import Attempt, Result, Skip, Usage
 from .usage import query_usage
 
@@ -78,6 +79,7 @@ __all__ = [
     "openai_client",
     "parse_config",
     "preload",
+    "query_shadow_report",
     "query_usage",
     "set_default_router",
     "start_metrics_server",

@@ -58,6 +58,7 @@ def generate(
     response_format: Any = None,
     tags: Mapping[str, str] | None = None,
     cache: bool = True,
+    shadow: bool | None = None,
     **params: Any,
 ) -> Any:
     """`Router.generate` on the default Router (see `default_router`): a `Result`, or a `Stream`."""
@@ -73,6 +74,7 @@ def generate(
         response_format=response_format,
         tags=tags,
         cache=cache,
+        shadow=shadow,
         **params,
     )
 
@@ -90,6 +92,7 @@ async def agenerate(
     response_format: Any = None,
     tags: Mapping[str, str] | None = None,
     cache: bool = True,
+    shadow: bool | None = None,
     **params: Any,
 ) -> Any:
     """`Router.agenerate` on the default Router (see `default_router`): a `Result`, or an `AsyncStream`."""
@@ -105,6 +108,7 @@ async def agenerate(
         response_format=response_format,
         tags=tags,
         cache=cache,
+        shadow=shadow,
         **params,
     )
 

@@ -36,6 +36,22 @@ def background_loop() -> asyncio.AbstractEventLoop:
         return _bg_loop
 
 
+_own: dict[str, tuple[asyncio.AbstractEventLoop, int]] = {}
+
+
+def own_loop(name: str) -> asyncio.AbstractEventLoop:
+    """An event loop apart from the background one, in a daemon thread called `name`, started on first use (again
+    in a forked worker): for work no caller waits for (shadow requests), which must not delay the requests that
+    sync callers send on the background loop."""
+    with _bg_lock:
+        held = _own.get(name)
+        if held is None or held[1] != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name=name, daemon=True).start()
+            held = _own[name] = (loop, os.getpid())
+        return held[0]
+
+
 def run_on(loop: asyncio.AbstractEventLoop, coro: Awaitable[Any]) -> concurrent.futures.Future[Any]:
     """Run `coro` on `loop` (from another thread); its concurrent Future."""
     async def run() -> Any:

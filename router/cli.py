@@ -1,6 +1,7 @@
-"""The `llm-router` command: validate | explain | check | generate | usage | serve | demo | schema.
+"""The `llm-router` command: validate | explain | check | generate | usage | shadow-report | serve | demo | schema.
 
-`validate`, `explain`, `usage` and `schema` never import litellm, so they answer in well under a second.
+`validate`, `explain`, `usage`, `shadow-report` and `schema` never import litellm, so they answer in well under a
+second.
 Exit codes: 0 fine, 1 the config or the call failed, 2 the command line is wrong.
 """
 
@@ -183,6 +184,19 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shadow_report(args: argparse.Namespace) -> int:
+    """Each shadow target beside the primary that answered the same calls, from the ledger."""
+    from .shadow_report import query_shadow_report, render_report
+
+    try:
+        report = query_shadow_report(args.config, since=args.since, until=args.until, alias=args.alias)
+    except ValueError as exc:
+        _err(f"llm-router shadow-report: {exc}")
+        return 1
+    print(render_report(report, args.format))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve the OpenAI-compatible gateway until stopped."""
     if importlib.util.find_spec("uvicorn") is None or (
@@ -303,10 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument(
         "--by",
         default="",
-        help="comma-separated: alias, provider, model, key, outcome, cost_source, day, hour, or tags",
+        help="comma-separated: alias, provider, model, key, outcome, cost_source, shadow, day, hour, or tags",
     )
     u.add_argument("--format", choices=["table", "csv", "json"], default="table")
     u.set_defaults(func=cmd_usage)
+
+    sr = sub.add_parser(
+        "shadow-report", help="shadow targets beside the primary that answered the same calls, from the ledger"
+    )
+    sr.add_argument(
+        "-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)"
+    )
+    sr.add_argument("--since", default="24h", help="24h, 30m, 7d, 2w or an ISO date/time in UTC (default: 24h)")
+    sr.add_argument("--until", default=None, help="end of the window, same forms (default: now)")
+    sr.add_argument("--alias", default=None, help="only this alias (default: every alias with shadow requests)")
+    sr.add_argument("--format", choices=["table", "json"], default="table")
+    sr.set_defaults(func=cmd_shadow_report)
 
     sv = sub.add_parser("serve", help="serve the OpenAI-compatible gateway (needs llm-router[serve])")
     sv.add_argument(

@@ -193,6 +193,7 @@ class Router:
         response_format: Any = None,
         tags: Mapping[str, str] | None = None,
         cache: bool = True,
+        shadow: bool | None = None,
         **params: Any,
     ) -> Any:
         """Answer `prompt` (or `messages`) with the alias `model`, falling back over its targets in order.
@@ -204,14 +205,16 @@ class Router:
         fallen back from. `system` is prepended unless the messages start with a system message. `provider`
         restricts the call to that provider's targets; `key` pins a named key of the providers' key pools.
         `tags` (str to str, e.g. ``{"tenant": "acme"}``) go to the hooks (ledger, budgets), never to metrics.
-        `cache=False` neither reads nor writes the response cache of an alias that has one.
+        `cache=False` neither reads nor writes the response cache of an alias that has one. `shadow` pins an
+        alias's shadow traffic for this call: True sends it to the shadow targets, False never, None samples it.
         `timeout` bounds the whole call (default: `defaults.deadline_s`). Other keyword arguments are litellm
         params (temperature, max_tokens, ...) and override the target's and the alias's. Raises a
         `RouterError` subclass when no target answers.
         """
         args = CallArgs(
-            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, cache, params
-        )
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, cache, params,
+            shadow,
+        )  # fmt: skip
         plan = self._plan(args)
         return drive(CallLoop(self._ctx, plan).run(), stream, self._sleep)
 
@@ -229,12 +232,14 @@ class Router:
         response_format: Any = None,
         tags: Mapping[str, str] | None = None,
         cache: bool = True,
+        shadow: bool | None = None,
         **params: Any,
     ) -> Any:
         """Async twin of `generate()`, for event loops; with `stream=True` it returns an `AsyncStream`."""
         args = CallArgs(
-            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, cache, params
-        )
+            prompt, messages, model, system, provider, timeout, key, stream, response_format, tags, cache, params,
+            shadow,
+        )  # fmt: skip
         plan = self._plan(args)
         return await adrive(CallLoop(self._ctx, plan).run(), stream, self._asleep)
 

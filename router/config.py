@@ -412,6 +412,9 @@ class AliasConfig(_Model):
     system: str | None = Field(None, description="System prompt prepended when the messages carry none.")
     cache: AliasCacheConfig | None = Field(None, description="Answer repeated requests from the response cache.")
     hedge: HedgeConfig | None = Field(None, description="Send the next target the same request when one is slow.")
+    shadow: ShadowConfig | None = Field(
+        None, description="Send a sampled share of the answered calls to candidate targets too, in the background."
+    )
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -526,6 +529,43 @@ class HedgeConfig(_Model):
         if self.after_s is None and self.after_percentile is None:
             raise ValueError("give after_s or after_percentile (or both: after_s until enough latencies are known)")
         return self
+
+
+class ShadowConfig(_Model):
+    """Shadow traffic: a sampled share of an alias's answered calls is sent again to candidate targets, in the
+    background, to compare them with the primary before switching (see README, "Trying a provider ...")."""
+
+    targets: list[TargetConfig] = Field(
+        min_length=1, description='The candidates, each "<provider>/<model>" or {provider, model, params}.'
+    )
+    percent: float = Field(
+        ge=0, le=100, description="Share of the alias's answered calls shadowed (0: only calls with shadow=True)."
+    )
+    max_in_flight: PositiveInt = Field(
+        8, le=10_000, description="Most shadow requests of the alias under way in one process; the rest are skipped."
+    )
+    skip_tags: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Never shadow calls with these tag values, e.g. {tenant: [acme]} (an opted-out tenant).",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, v: list[TargetConfig]) -> list[TargetConfig]:
+        names = [f"{t.provider}/{t.model}" for t in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"shadow targets must be unique: {', '.join(dup)}")
+        return v
+
+    @field_validator("skip_tags")
+    @classmethod
+    def _tag_names(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+                raise ValueError(f"tag name {name!r} must be 1-64 characters of letters, digits, '_', '.' or '-'")
+        return v
+
 
 # -- tracing --
 
@@ -744,6 +784,7 @@ class RouterConfig(_Model):
     gateway: GatewayConfig | None = Field(None, description="Client keys of `llm-router serve` (absent: none).")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
+    _shadows: dict[str, tuple[Target, ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
     _sha256: str = PrivateAttr("")
 
@@ -764,6 +805,10 @@ class RouterConfig(_Model):
     def targets(self, alias: str) -> tuple[Target, ...]:
         """Every target of the alias in config order, tiers flattened."""
         return tuple(t for tier in self._tiers[alias] for t in tier)
+
+    def shadow_targets(self, alias: str) -> tuple[Target, ...]:
+        """The alias's shadow targets (`shadow.targets`), resolved against providers; empty without a shadow."""
+        return self._shadows.get(alias, ())
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret of this config, longest first: what is scrubbed from errors, logs and traces (see
@@ -1808,51 +1853,57 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
     keys = {name: p.api_keys() for name, p in cfg.providers.items()}  # once each: a pool may hold thousands
     circuits = {name: _circuit(d.circuit, p.circuit) for name, p in cfg.providers.items()}
     tiers: dict[str, tuple[tuple[Target, ...], ...]] = {}
+    shadows: dict[str, tuple[Target, ...]] = {}
     spelled: set[str] = set()
+
+    def resolve(t: TargetConfig, loc: tuple[Any, ...]) -> Target | None:
+        provider = cfg.providers.get(t.provider)
+        if provider is None and src.full:
+            src.more += 1
+            return None
+        if provider is None:
+            src.problem(
+                src.yaml_loc(loc),
+                f"provider {echo(t.provider)} is not defined under providers{src.suggest(t.provider, cfg.providers)}",
+            )
+            return None
+        model = normalize_model(provider.kind, t.model)
+        spelled.update({f"{t.provider}/{t.model}", f"{t.provider}/{model}"})
+        return Target(
+            provider=t.provider,
+            model=model,
+            kind=provider.kind,
+            api_base=provider.api_base,
+            keys=keys[t.provider],
+            headers=dict(provider.headers),
+            timeout_s=provider.timeout_s or d.timeout_s,
+            params=dict(t.params),
+            pricing=cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}"),
+            weight=t.weight,
+            first_token_timeout_s=t.first_token_timeout_s or d.first_token_timeout_s,
+            stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
+            enabled=provider.enabled,
+            circuit=circuits[t.provider],
+        )
+
     for alias_name, alias in cfg.aliases.items():
         resolved: list[tuple[Target, ...]] = []
         for i, tier in enumerate(alias.targets):
-            members = []
-            for j, t in enumerate(tier):
-                provider = cfg.providers.get(t.provider)
-                if provider is None and src.full:
-                    src.more += 1
-                    continue
-                if provider is None:
-                    loc = src.yaml_loc(("aliases", alias_name, "targets", i, j))
-                    src.problem(
-                        loc,
-                        f"provider {echo(t.provider)} is not defined under providers"
-                        f"{src.suggest(t.provider, cfg.providers)}",
-                    )
-                    continue
-                model = normalize_model(provider.kind, t.model)
-                spelled.update({f"{t.provider}/{t.model}", f"{t.provider}/{model}"})
-                members.append(
-                    Target(
-                        provider=t.provider,
-                        model=model,
-                        kind=provider.kind,
-                        api_base=provider.api_base,
-                        keys=keys[t.provider],
-                        headers=dict(provider.headers),
-                        timeout_s=provider.timeout_s or d.timeout_s,
-                        params=dict(t.params),
-                        pricing=cfg.pricing.get(f"{t.provider}/{t.model}") or cfg.pricing.get(f"{t.provider}/{model}"),
-                        weight=t.weight,
-                        first_token_timeout_s=t.first_token_timeout_s or d.first_token_timeout_s,
-                        stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
-                        enabled=provider.enabled,
-                        circuit=circuits[t.provider],
-                    )
-                )
+            members = [
+                m for j, t in enumerate(tier) if (m := resolve(t, ("aliases", alias_name, "targets", i, j))) is not None
+            ]
             if members:
                 resolved.append(tuple(members))
         tiers[alias_name] = tuple(resolved)
+        if alias.shadow is not None:
+            loc = ("aliases", alias_name, "shadow", "targets")
+            found = [m for j, t in enumerate(alias.shadow.targets) if (m := resolve(t, (*loc, j))) is not None]
+            shadows[alias_name] = tuple(found)
     for key in cfg.pricing:
         if key not in spelled:
             src.problem(("pricing", key), f"matches no target of any alias{src.suggest(key, spelled)}")
     cfg._tiers = tiers
+    cfg._shadows = shadows
     _check_budgets(cfg, src)
     _check_cache(cfg, src)
     _check_gateway(cfg, src)

@@ -118,6 +118,7 @@ class Call:
     key_name: str | None = None  # the key of the request about to go out (before_attempt), never the secret
     hedge: bool = False  # before_attempt: this request is a hedge, racing the call's requests still in flight
     rerouted_to: str | None = None  # the alias a Reroute moved the call to
+    shadow: bool | None = None  # generate(shadow=...): True always shadow the call, False never, None sample it
     # When the call's deadline runs out, on time.monotonic(): a blocking hook (a budget on a busy database)
     # must give up by then.
     deadline_at: float | None = None

@@ -15,6 +15,7 @@ gunicorn's `child_exit`) takes its in-flight calls, circuit states and config wi
     config_last_reload_timestamp        livemin         every live worker has (re)loaded at or after this
     ledger_rows_waiting                 livemax         the most rows any live worker has waiting (workers on
                                                         one host share a spool: a sum would count it twice)
+    shadow_in_flight                    livesum         shadow requests under way in all live workers
 """
 
 from __future__ import annotations
@@ -223,6 +224,49 @@ class RouterMetrics:
         self.state_store_errors = Counter(
             "state_store_errors_total", "Failed exchanges with the shared health-state store.", ["backend"], **kw
         )
+        # Shadow traffic (router/plugins/shadow.py): series of their own, never mixed with the primary's.
+        self.shadow_requests = Counter(
+            "shadow_requests_total",
+            "Shadow requests sent to candidate targets in the background, by outcome.",
+            ["alias", "provider", "model", "outcome"],
+            **kw,
+        )
+        self.shadow_duration = Histogram(
+            "shadow_duration_seconds",
+            "Wall time of one shadow request (successful ones).",
+            ["alias", "provider", "model"],
+            buckets=b,
+            **kw,
+        )
+        self.shadow_tokens = Counter(
+            "shadow_tokens_total", "Tokens of answered shadow requests.", ["alias", "provider", "model", "kind"], **kw
+        )
+        self.shadow_cost = Counter(
+            "shadow_cost_usd_total", "Cost of shadow requests in USD.", ["alias", "provider", "model"], **kw
+        )
+        self.shadow_agreement = Histogram(
+            "shadow_agreement",
+            "Agreement of each answered shadow with the primary's answer, 0 to 1: for structured output and tool "
+            "calls 1 when the parsed values are equal, else 0; for text the Jaccard similarity of their words (a "
+            "rough signal, not a quality judgement).",
+            ["alias", "provider", "model"],
+            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0),
+            **kw,
+        )
+        self.shadow_skipped = Counter(
+            "shadow_skipped_total",
+            "Sampled shadow requests not sent, by reason (opted_out, in_flight, budget, no_credentials, disabled, "
+            "closing).",
+            ["alias", "provider", "model", "reason"],
+            **kw,
+        )
+        self.shadow_in_flight = Gauge(
+            "shadow_in_flight",
+            "Shadow requests under way.",
+            ["alias"],
+            multiprocess_mode="livesum",
+            **kw,
+        )
         self.gateway_responses = Counter(
             "gateway_responses_total",
             "HTTP answers of the gateway (llm-router serve, openai_client()) by route and status (499: client left).",
@@ -327,6 +371,37 @@ class RouterMetrics:
     def hedge_won(self, alias: str, provider: str, model: str) -> None:
         """A hedged request answered first."""
         self.hedge_wins.labels(alias, provider, model).inc()
+
+    def shadow_sent(
+        self,
+        alias: str,
+        provider: str,
+        model: str,
+        outcome: str,
+        duration_s: float,
+        usage: tuple[int, int] | None,
+        cost_usd: float,
+    ) -> None:
+        """A shadow request ended with `outcome` (`usage`: its input and output tokens, when it answered)."""
+        self.shadow_requests.labels(alias, provider, model, outcome).inc()
+        if outcome == "success":
+            self.shadow_duration.labels(alias, provider, model).observe(duration_s)
+        if usage is not None:
+            self.shadow_tokens.labels(alias, provider, model, "input").inc(usage[0])
+            self.shadow_tokens.labels(alias, provider, model, "output").inc(usage[1])
+        self.shadow_cost.labels(alias, provider, model).inc(cost_usd)
+
+    def shadow_agreed(self, alias: str, provider: str, model: str, agreement: float) -> None:
+        """How far an answered shadow agreed with the primary's answer (0 to 1)."""
+        self.shadow_agreement.labels(alias, provider, model).observe(agreement)
+
+    def shadow_skip(self, alias: str, provider: str, model: str, reason: str) -> None:
+        """A sampled shadow request was not sent."""
+        self.shadow_skipped.labels(alias, provider, model, reason).inc()
+
+    def shadow_running(self, alias: str, delta: int) -> None:
+        """A shadow request started (+1) or ended (-1)."""
+        self.shadow_in_flight.labels(alias).inc(delta)
 
     def gateway_response(self, route: str, status: int) -> None:
         """The gateway answered a request to `route` (a fixed set of names) with `status`."""

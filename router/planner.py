@@ -116,6 +116,7 @@ class CallArgs:
     tags: Mapping[str, str] | None = None
     cache: bool = True
     params: Mapping[str, Any] = field(default_factory=dict)
+    shadow: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -156,12 +157,15 @@ def make_plan(snap: Snapshot, args: CallArgs, rng: random.Random) -> Plan:
     if fmt is not None and args.stream:
         raise TypeError("generate() takes stream=True or response_format=, not both")
     tags = check_tags(args.tags)
+    if args.shadow is not None and not isinstance(args.shadow, bool):
+        raise TypeError(f"shadow must be True, False or None, not {type(args.shadow).__name__}")
     for engine in {t.engine for t in usable}:  # the first call loads it: not inside any attempt's clock
         get_engine(engine).load()
     params = dict(args.params)
     deadline_s = args.timeout if args.timeout is not None else cfg.defaults.deadline_s
     call = Call.new(alias_name, msgs, params, tags, args.stream, config=cfg, response_format=fmt)
     call.cache = bool(args.cache)
+    call.shadow = args.shadow
     call.deadline_at = time.monotonic() + deadline_s
     targets = tuple((t, request_body(t, msgs, merge_params(alias, t, params), args.stream, fmt)) for t in usable)
     call.requests = targets

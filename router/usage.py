@@ -1,8 +1,10 @@
 """Usage by time window from the ledger: `query_usage()` and `llm-router usage`.
 
 Sums are computed by the database over integer nano-USD, so a group's cost is exactly the sum of its rows'.
-Group by any of: alias, provider, model, key, outcome, cost_source, rerouted_to, day, hour; any other name
-(or `tag:NAME`) is a tag. Rows appear once the ledger's writer has flushed them (`ledger.flush_interval_s`).
+Group by any of: alias, provider, model, key, outcome, cost_source, rerouted_to, shadow, day, hour; any other
+name (or `tag:NAME`) is a tag. Shadow requests (router/plugins/shadow.py) are rows of their own, counted like
+calls (they are billed); `shadow` tells them apart (`yes` / `no`). Rows appear once the ledger's writer has
+flushed them (`ledger.flush_interval_s`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ COLUMNS = {
     "outcome": "outcome",
     "cost_source": "cost_source",
     "rerouted_to": "rerouted_to",
+    "shadow": "CASE WHEN shadow_of IS NULL THEN 'no' ELSE 'yes' END",
 }
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

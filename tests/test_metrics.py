@@ -71,6 +71,13 @@ METRICS = {
     "gateway_responses": "counter",
     "ledger_rows_dropped": "counter",
     "ledger_rows_waiting": "gauge",
+    "shadow_requests": "counter",
+    "shadow_duration_seconds": "histogram",
+    "shadow_tokens": "counter",
+    "shadow_cost_usd": "counter",
+    "shadow_agreement": "histogram",
+    "shadow_skipped": "counter",
+    "shadow_in_flight": "gauge",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 

@@ -53,7 +53,9 @@ providers:
   premium: {kind: openai, api_base: "{UP}/fast/v1", api_key: "${LLM_ROUTER_OBS_TEST_UNSET_KEY}"}
   slow: {kind: openai, api_base: "{UP}/slow/v1", api_key: sk-obs-slow-000000}
 aliases:
-  chat: {targets: [flaky/sim-large, fast/sim-large]}
+  chat:
+    targets: [flaky/sim-large, fast/sim-large]
+    shadow: {targets: [fast/sim-small, premium/sim-xl], percent: 100}
   premium: {targets: [premium/sim-xl, fast/sim-small]}
   free: {targets: [fast/unpriced]}
   doomed: {targets: [flaky/sim-large]}

@@ -321,3 +321,38 @@ def test_a_budget_waiting_on_a_held_postgres_lock_ends_by_the_deadline(
     assert len(up.requests("a")) == 1
     assert r.generate("hi", max_tokens=20).text == "ok"  # released: calls go through again
     r.close()
+
+
+def test_an_older_postgres_ledger_is_migrated_and_reports_shadows(
+    make_router: MakeRouter,
+    up: Upstream,
+    pg_dsn: str,  # noqa: F811
+) -> None:
+    from test_shadow import answer, config, settle
+
+    from router.shadow_report import query_shadow_report
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # the table as a version without shadows made it
+        conn.execute(
+            "CREATE TABLE llm_calls (id TEXT PRIMARY KEY, ts DOUBLE PRECISION NOT NULL, alias TEXT NOT NULL, "
+            "provider TEXT, model TEXT, key_name TEXT, tags JSONB NOT NULL, input_tokens BIGINT NOT NULL, "
+            "output_tokens BIGINT NOT NULL, cost_nusd BIGINT NOT NULL, failed_cost_nusd BIGINT NOT NULL, "
+            "cost_source TEXT, latency_s DOUBLE PRECISION NOT NULL, outcome TEXT NOT NULL, attempts INTEGER NOT NULL, "
+            "rerouted_to TEXT)"
+        )
+        conn.execute(
+            "INSERT INTO llm_calls VALUES ('old-1', %s, 'chat', 'p', 'model-p', NULL, '{}', 1, 2, 3, 0, 'config', "
+            "0.5, 'success', 1, NULL)",
+            (time.time(),),
+        )
+    answer(up)
+    r = make_router(config(extra=f'ledger: {{dsn: "{pg_dsn}", flush_interval_s: 0.05}}'))
+    r.generate("hi")
+    settle(r)
+    r.close()
+    got = {g["id"]: g for g in read_calls(LedgerConfig(dsn=pg_dsn), since=0)}  # type: ignore[arg-type]
+    assert got["old-1"]["shadow_of"] is None and len(got) == 3
+    (c,) = query_shadow_report(LedgerConfig(dsn=pg_dsn), since="1h").comparisons  # type: ignore[arg-type]
+    d = c.as_dict()
+    assert (d["calls_compared"], d["primary_side"]["errors"]["calls_of_the_alias"]) == (1, 2)
+    assert d["agreement"]["text"]["mean"] == pytest.approx(4 / 6)

@@ -96,6 +96,7 @@ def test_a_budget_limit_edited_in_the_yaml_applies_within_a_second_to_a_watching
     up.route("a").set_default(Reply(text="ok", usage=(5, 100), delay_s=0.01))
     path, db = tmp_path / "router.yaml", tmp_path / "ledger.sqlite3"
     write(path, render(up, db, 0, limit=1000.0))
+    settle_threads = threads_named("llm-router-budgets")  # other tests' routers may still be winding down
     r = Router.from_yaml(path, registry=CollectorRegistry(), watch=True, poll_s=0.1)
     made.append(r)
     first = of(r, Budgets)
@@ -119,21 +120,22 @@ def test_a_budget_limit_edited_in_the_yaml_applies_within_a_second_to_a_watching
     for t in threads:
         t.start()
     try:
-        assert wait_until(lambda: sum(o == "ok" for _, o in outcomes) >= 8, timeout_s=20)
+        assert wait_until(lambda: sum(o == "ok" for _, o in list(outcomes)) >= 8, timeout_s=20)
         # Lowered below what is already spent: every call from the next is refused.
         lowered_at = time.monotonic()
         write(path, render(up, db, 1, limit=0.05))
-        refused_at = wait_until(lambda: any(o == "refused" for _, o in outcomes))
+        refused_at = wait_until(lambda: any(o == "refused" for _, o in list(outcomes)))
         assert refused_at is not None, "the lowered budget never refused a call"
         assert refused_at - lowered_at < 1.0
         time.sleep(0.3)
         settled = time.monotonic()
         time.sleep(0.2)
-        assert [o for at, o in outcomes if at > settled] and all(o == "refused" for at, o in outcomes if at > settled)
+        after = [o for at, o in list(outcomes) if at > settled]
+        assert after and all(o == "refused" for o in after)
         # Raised again: calls pass within a second.
         raised_at = time.monotonic()
         write(path, render(up, db, 2, limit=1000.0))
-        passed_at = wait_until(lambda: any(o == "ok" and at > raised_at for at, o in outcomes))
+        passed_at = wait_until(lambda: any(o == "ok" and at > raised_at for at, o in list(outcomes)))
         assert passed_at is not None and passed_at - raised_at < 1.0
     finally:
         stop.set()
@@ -144,7 +146,7 @@ def test_a_budget_limit_edited_in_the_yaml_applies_within_a_second_to_a_watching
     assert of(r, Budgets) is not first
     assert r._pool._items[store_key][0] is store
     # The replaced hooks' settle threads stop once their calls have ended: one Budgets is left running.
-    assert wait_until(lambda: threads_named("llm-router-budgets") == 1) is not None
+    assert wait_until(lambda: threads_named("llm-router-budgets") <= settle_threads + 1) is not None
 
 
 def test_a_budget_reload_releases_no_hold_and_loses_no_spend(up: Upstream, tmp_path: Path, made: list[Router]) -> None:
@@ -208,6 +210,7 @@ def test_a_ledger_edited_in_the_yaml_writes_the_next_calls_to_the_new_database_a
     up.route("a").set_default(Reply(text="ok", usage=(5, 10), delay_s=0.2))
     path, first_db, second_db = tmp_path / "router.yaml", tmp_path / "one.sqlite3", tmp_path / "two.sqlite3"
     write(path, render(up, first_db, 0))
+    writers = threads_named("llm-router-ledger")  # other tests' routers may still be winding down
     r = Router.from_yaml(path, registry=CollectorRegistry())
     made.append(r)
     first = of(r, Ledger)
@@ -218,11 +221,11 @@ def test_a_ledger_edited_in_the_yaml_writes_the_next_calls_to_the_new_database_a
     assert r.reload()
     second = of(r, Ledger)
     assert second is not first
-    assert threads_named("llm-router-ledger") == 2  # a call that started on the first is still running
+    assert threads_named("llm-router-ledger") >= writers + 2  # a call that started on the first still runs
     r.generate("started after the edit")
     in_flight.join(10)
     # The first writer is closed (flushed, its thread ended) once that call ended.
-    assert wait_until(lambda: threads_named("llm-router-ledger") == 1) is not None
+    assert wait_until(lambda: threads_named("llm-router-ledger") <= writers + 1) is not None
     second.flush()
     assert len(read_calls(LedgerConfig(path=str(first_db)))) == 1
     assert len(read_calls(LedgerConfig(path=str(second_db)))) == 1

@@ -10,6 +10,9 @@ redis) is imported only when its section is present. Entries run in table order;
               and the ledger still sees the call finish
     budgets   reserve before each request, settle after it (needs ledger:, whose database keeps the spend)
     ledger    one row per call, written in the background
+    shadow    last: after an answered call, a sampled copy of its request to the alias's shadow targets, in the
+              background; it borrows the call's ledger and budgets from the pool for the shadow's own row and
+              spend
 
 Hooks follow reload: every config snapshot gets its hooks from a `Pool` keyed by each hook's own settings, so a
 reload that leaves a section alone keeps its hook (and its connection), and one that changes it builds a new hook
@@ -64,6 +67,7 @@ class Pool:
     def __init__(self) -> None:
         self._items: dict[Hashable, list[Any]] = {}  # key -> [thing, holders, close]
         self._lock = threading.Lock()
+        self.closing = False  # close() is under way: the Router is closing, not a reload releasing what it held
 
     def acquire(self, key: Hashable, make: Callable[[], Any], close: Callable[[Any], None]) -> Any:
         """The thing held under `key`, made now if none is (one more holder either way)."""
@@ -82,8 +86,18 @@ class Pool:
         close(thing)  # another thread made one meanwhile: keep theirs
         return item[0]
 
-    def release(self, key: Hashable) -> None:
-        """One holder less; the last one closes it."""
+    def borrow(self, key: Hashable) -> Any:
+        """The thing held under `key`, with one more holder, or None when nothing is (never makes one)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            item[1] += 1
+            return item[0]
+
+    def release(self, key: Hashable, in_thread: bool = False) -> None:
+        """One holder less; the last one closes it (`in_thread`: in a daemon thread, for a caller that must not
+        wait for a close, which may flush to a database)."""
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -92,13 +106,14 @@ class Pool:
             if item[1] > 0:
                 return
             del self._items[key]
-        try:
-            item[2](item[0])
-        except Exception:  # a plugin's close failing must not stop the others' or a reload
-            log.exception("closing %s failed", type(item[0]).__name__)
+        if in_thread:
+            threading.Thread(target=_close_item, args=(item,), name="llm-router-pool", daemon=True).start()
+        else:
+            _close_item(item)
 
     def close(self) -> None:
         """Close everything, whoever holds it (the Router is closed)."""
+        self.closing = True
         with self._lock:
             items, self._items = list(self._items.values()), {}
         for thing, _, close in reversed(items):
@@ -110,6 +125,13 @@ class Pool:
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+
+
+def _close_item(item: list[Any]) -> None:
+    try:
+        item[2](item[0])
+    except Exception:  # a plugin's close failing must not stop the others' or a reload
+        log.exception("closing %s failed", type(item[0]).__name__)
 
 
 @dataclass(frozen=True)
@@ -191,11 +213,32 @@ def _ledger(config: RouterConfig, metrics: RouterMetrics, pool: Pool) -> Hook | 
     return Ledger(config.ledger, metrics=metrics)
 
 
+# -- shadow traffic: one hook while any alias has a shadow; each call's own config says where and how much --
+
+
+def _shadow_settings(config: RouterConfig) -> Hashable | None:
+    return "on" if any(a.shadow is not None for a in config.aliases.values()) else None
+
+
+def _shadow(config: RouterConfig, metrics: RouterMetrics, pool: Pool) -> Hook | None:
+    from .shadow import ShadowHook
+
+    return ShadowHook(metrics, pool, plugin_key)
+
+
+def plugin_key(section: str, config: RouterConfig) -> Hashable | None:
+    """The pool key of the hook that `section` gives `config` (None: the config has none)."""
+    plugin = next(p for p in PLUGINS if p.section == section)
+    settings = plugin.settings(config)
+    return None if settings is None else (section, settings)
+
+
 PLUGINS: tuple[Plugin, ...] = (
     Plugin("tracing", _tracing_settings, _tracing),
     Plugin("cache", _cache_settings, _cache),
     Plugin("budgets", _budgets_settings, _budgets),
     Plugin("ledger", _ledger_settings, _ledger),
+    Plugin("shadow", _shadow_settings, _shadow),
 )
 
 
@@ -213,7 +256,7 @@ def wire(config: RouterConfig, metrics: RouterMetrics, pool: Pool) -> tuple[list
             settings = p.settings(config)
             if settings is None:
                 continue
-            key: Hashable = (p.section, settings)
+            key: Hashable = (p.section, settings)  # as plugin_key() makes it
             hook = pool.acquire(key, lambda p=p: p.build(config, metrics, pool), _close_hook)  # type: ignore[misc]
             keys.append(key)
             if hook is not None:
@@ -245,5 +288,5 @@ class _Borrowed:
         return repr(self._store)
 
 
-__all__ = ["PLUGINS", "Plugin", "Pool", "identity", "wire"]
+__all__ = ["PLUGINS", "Plugin", "Pool", "identity", "plugin_key", "wire"]
 

@@ -168,6 +168,10 @@ class BudgetStore:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._stop = False
+        # Settles queued and written so far: flush() waits for what was queued before it to be written, not only
+        # taken off the queue (a batch being written is no longer pending, and not yet in the database).
+        self._queued = 0
+        self._written = 0
         self.on_spent: Any = None  # callback(budget, scope, spent_nusd) after a settle
         self._thread = threading.Thread(target=self._run, name="llm-router-budgets", daemon=True)
         self._thread.start()
@@ -223,6 +227,7 @@ class BudgetStore:
             with self._lock:  # the settles were not written: keep them for the next try
                 self._pending[:0] = pending
             raise
+        self._wrote(len(pending))
         self._report(spent)
         return refusal
 
@@ -230,6 +235,7 @@ class BudgetStore:
         """Replace the holds by the real cost; written by the background thread (never blocks)."""
         with self._cond:
             self._pending.append((hold_id, tuple(holds), cost_nusd))
+            self._queued += 1
             self._cond.notify()
 
     def spent(self, budget: str, scope: str, period_start: int) -> int:
@@ -242,12 +248,19 @@ class BudgetStore:
         return int(row[0]) if row else 0
 
     def flush(self, timeout: float = 10.0) -> None:
-        """Write the settles queued so far."""
+        """Write the settles queued so far (wait at most `timeout` seconds)."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            want = self._queued
             self._cond.notify()
-            while self._pending and time.monotonic() < deadline:
+            while self._written < want and self._thread.is_alive() and time.monotonic() < deadline:
                 self._cond.wait(0.05)
+
+    def _wrote(self, n: int) -> None:
+        if n:
+            with self._cond:
+                self._written += n
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Write what is queued, stop the thread, release the database."""
@@ -291,6 +304,7 @@ class BudgetStore:
                         if time.time() - last_sweep > 60:
                             last_sweep = time.time()
                             cur.execute("DELETE FROM llm_budget_holds WHERE expires_at < ?", (time.time() - 3600,))
+                    self._wrote(len(pending))
                     self._report(spent)
                 except errors as exc:
                     log.warning(

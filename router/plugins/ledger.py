@@ -73,6 +73,10 @@ DROP_REASONS = ("rejected", "queue_full", "torn", "closed")
 SPOOL_FORMAT = 1
 
 
+# Call.data key of a shadow request's call (router.plugins.shadow): (primary call id, agreement, agreement kind).
+SHADOW_MARK = "ledger.shadow"
+
+
 @dataclass
 class _Tally:
     """What a call's attempts added up to so far."""
@@ -108,6 +112,7 @@ def call_row(call: Call, result: Result | None, now: float) -> tuple[Any, ...]:
     t: _Tally = call.data.get("ledger") or _Tally()
     provider, model = (result.provider, result.model) if result is not None else (t.provider, t.model)
     source = t.cost_source if t.attempts else (result.cost_source if result is not None else None)
+    shadow_of, agreement, agreement_kind = call.data.get(SHADOW_MARK) or (None, None, None)
     return (
         call.id,
         call.started_at,
@@ -125,6 +130,9 @@ def call_row(call: Call, result: Result | None, now: float) -> tuple[Any, ...]:
         call.outcome,
         t.attempts,
         call.rerouted_to,
+        shadow_of,
+        agreement,
+        agreement_kind,
     )
 
 
@@ -594,6 +602,7 @@ def ledger_of(hooks: Sequence[Hook]) -> Ledger | None:
 __all__ = [
     "CALL_COLUMNS",
     "DROP_REASONS",
+    "SHADOW_MARK",
     "DeadLetter",
     "ForeignSpoolError",
     "Ledger",

@@ -51,7 +51,18 @@ CALL_COLUMNS = (
     "outcome",
     "attempts",
     "rerouted_to",
+    "shadow_of",
+    "agreement",
+    "agreement_kind",
 )
+# Columns added since the first schema, with their SQL type: added to an older database when it is opened, and
+# left NULL in rows written before (a spooled row of an older version is padded with NULLs).
+ADDED_COLUMNS = (
+    ("shadow_of", "TEXT"),  # a shadow request's row: the id of the primary call it shadowed
+    ("agreement", "DOUBLE PRECISION"),  # a shadow's agreement with the primary's answer, 0 to 1
+    ("agreement_kind", "TEXT"),  # how it was measured: parsed (structured output), tools, or text
+)
+OLDER_ROW_LENGTHS = (len(CALL_COLUMNS) - len(ADDED_COLUMNS),)  # the rows of the versions before those columns
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS llm_calls (
@@ -70,7 +81,10 @@ CREATE TABLE IF NOT EXISTS llm_calls (
     latency_s DOUBLE PRECISION NOT NULL,
     outcome TEXT NOT NULL,
     attempts INTEGER NOT NULL,
-    rerouted_to TEXT
+    rerouted_to TEXT,
+    shadow_of TEXT,
+    agreement DOUBLE PRECISION,
+    agreement_kind TEXT
 );
 CREATE INDEX IF NOT EXISTS llm_calls_ts ON llm_calls (ts);
 CREATE TABLE IF NOT EXISTS llm_budget_spend (
@@ -90,6 +104,18 @@ CREATE TABLE IF NOT EXISTS llm_budget_holds (
 );
 CREATE INDEX IF NOT EXISTS llm_budget_holds_period ON llm_budget_holds (budget, scope, period_start);
 """
+
+
+def _migrate_sqlite(conn: sqlite3.Connection) -> None:
+    """Add the columns an older version's database lacks (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+    have = {row[1] for row in conn.execute("PRAGMA table_info(llm_calls)")}
+    for name, kind in ADDED_COLUMNS:
+        if name not in have:
+            try:
+                conn.execute(f"ALTER TABLE llm_calls ADD COLUMN {name} {kind}")
+            except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 class Store:
@@ -120,9 +146,12 @@ class Store:
         raise NotImplementedError
 
     def insert_calls(self, rows: Sequence[Sequence[Any]]) -> None:
-        """Insert ledger rows (in CALL_COLUMNS order); a row whose id is already there is left as it is."""
+        """Insert ledger rows (in CALL_COLUMNS order; a row an older version spooled gets NULL in the columns added
+        since); a row whose id is already there is left as it is. A row of any other shape is refused."""
         cols = ", ".join(CALL_COLUMNS)
         marks = ", ".join(self._json_mark if c == "tags" else "?" for c in CALL_COLUMNS)
+        n = len(CALL_COLUMNS)
+        rows = [(*r, *(None,) * (n - len(r))) if len(r) in OLDER_ROW_LENGTHS else r for r in rows]
         with self.transaction() as cur:
             cur.executemany(f"INSERT INTO llm_calls ({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING", rows)
 
@@ -195,6 +224,7 @@ class SqliteStore(Store):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA.format(json="TEXT"))
+                _migrate_sqlite(conn)
             except sqlite3.Error:
                 conn.close()
                 raise
@@ -321,6 +351,8 @@ class PostgresStore(Store):
                 conn.execute("SELECT pg_advisory_xact_lock(7220103)")
                 for stmt in filter(str.strip, _SCHEMA.format(json="JSONB").split(";")):
                     conn.execute(stmt)
+                for name, kind in ADDED_COLUMNS:  # a database made by an older version
+                    conn.execute(f"ALTER TABLE llm_calls ADD COLUMN IF NOT EXISTS {name} {kind}")
             self._schema_ready = True
 
     def close(self) -> None:
