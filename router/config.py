@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from . import outcomes
+from .engines import direct_problem
 from .errors import ConfigError, ConfigProblem
 
 DEFAULT_FALLBACK_ON = list(outcomes.DEFAULT_FALLBACK_ON)
@@ -107,6 +108,9 @@ class DefaultsConfig(_Model):
         description="Streaming: end a stream with StreamInterruptedError when no text comes for this long after "
         "its first (default timeout_s); deadline_s still bounds the whole stream.",
     )
+    engine: Literal["litellm", "direct"] = Field(
+        "litellm", description="What sends requests: litellm, or direct (the router's own OpenAI-protocol client)."
+    )
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
     fallback_on: list[Annotated[str, AfterValidator(_known_outcome)]] = Field(
@@ -135,6 +139,9 @@ class ProviderConfig(_Model):
     timeout_s: PositiveFloat | None = Field(None, description="Per-attempt timeout for this provider.")
     enabled: bool = Field(True, description="false: skip this provider's targets (an emergency switch).")
     circuit: CircuitOverride | None = Field(None, description="Changes to defaults.circuit for this provider.")
+    engine: Literal["litellm", "direct"] | None = Field(
+        None, description="Overrides defaults.engine: direct for kinds openai, openrouter, hosted_vllm, lm_studio."
+    )
 
     # The environment variables each key was read from, for "set OPENAI_API_KEY" messages.
     _key_env_vars: tuple[tuple[str, ...], ...] = PrivateAttr(default=())
@@ -990,6 +997,10 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
         src.problem(
             ("defaults", "model"), f"alias {d.model!r} is not defined under aliases{_suggest(d.model, cfg.aliases)}"
         )
+    for name, p in cfg.providers.items():
+        if (p.engine or d.engine) == "direct" and (why := direct_problem(p.kind, p.api_base)) is not None:
+            at = ("providers", name, "engine") if p.engine else ("defaults", "engine")
+            src.problem(at, why if p.engine else f"provider {name!r}: {why}")
     tiers: dict[str, tuple[tuple[Target, ...], ...]] = {}
     spelled: set[str] = set()
     for alias_name, alias in cfg.aliases.items():
@@ -1023,6 +1034,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
                         enabled=provider.enabled,
                         circuit=_circuit(d.circuit, provider.circuit),
+                        engine=provider.engine or d.engine,
                     )
                 )
             if members:

@@ -19,7 +19,8 @@ The request body is what the OpenAI chat-completions API takes, less `model`: `m
 headers, key and timeout when it sends it.
 
 Engines are looked up by name (`engine_for(target)`), imported on first use: `litellm` (the default: every
-provider LiteLLM knows) and, where a provider says `engine: direct`, the router's own OpenAI-protocol client.
+provider LiteLLM knows) and, where a provider says `engine: direct`, the router's own OpenAI-protocol client
+(`router.engines.direct`), for the provider kinds in `DIRECT_KINDS`.
 """
 
 from __future__ import annotations
@@ -191,8 +192,34 @@ class Engine(Protocol):
 # name -> "module:attribute" of its engine instance, imported on first use
 ENGINES: dict[str, str] = {
     "litellm": "router.engines.litellm:ENGINE",
+    "direct": "router.engines.direct:ENGINE",
 }
 DEFAULT_ENGINE = "litellm"
+
+# The provider kinds the direct engine speaks to, each with its default base URL (None: `api_base` is required).
+# Each is the same OpenAI chat-completions protocol at `{base}/chat/completions`; every other OpenAI-compatible
+# server (vLLM, Ollama's /v1, LM Studio, Groq, Together, DeepSeek, Mistral, Fireworks...) is `kind: openai` with
+# its `api_base`. LiteLLM's own kinds for those vendors (groq, mistral, ...) adapt requests per vendor, so they
+# stay on the litellm engine.
+DIRECT_KINDS: dict[str, str | None] = {
+    "openai": "https://api.openai.com/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "hosted_vllm": None,
+    "lm_studio": None,
+}
+
+
+def direct_problem(kind: str, api_base: str | None) -> str | None:
+    """Why a provider of `kind` (at `api_base`) cannot use the direct engine; None when it can."""
+    if kind not in DIRECT_KINDS:
+        return (
+            f"engine direct speaks the OpenAI protocol of kinds {', '.join(DIRECT_KINDS)} (any OpenAI-compatible "
+            f"server is kind openai with its api_base); kind {kind!r} needs engine: litellm"
+        )
+    if DIRECT_KINDS[kind] is None and not api_base:
+        return f"engine direct needs the api_base of this {kind} server (e.g. http://127.0.0.1:8000/v1)"
+    return None
+
 
 _loaded: dict[str, Engine] = {}
 _lock = threading.Lock()
