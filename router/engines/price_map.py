@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import threading
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +31,7 @@ class PriceMap:
 
     def __init__(self) -> None:
         self._models: dict[str, Any] | None = None
+        self._rules: list[tuple[re.Pattern[str], dict[str, Any]]] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -66,26 +68,57 @@ class PriceMap:
         return None
 
     def entry(self, target: Target) -> Mapping[str, Any] | None:
-        """The map's entry for the target's model, as LiteLLM looks it up: `kind/model`, then `model`."""
+        """The map's entry for the target's model, as LiteLLM looks it up: `kind/model`, then `model` (listed
+        under this kind); for a model the map does not name, what its generalization rules say of it."""
         models = self.models
-        for name in (f"{target.kind}/{target.model}", target.model):
+        names = (f"{target.kind}/{target.model}", target.model)
+        for name in names:
             info = models.get(name)
-            if isinstance(info, dict) and info.get("litellm_provider") in (target.kind, "text-completion-openai"):
+            if isinstance(info, dict) and (name != target.model or info.get("litellm_provider") == target.kind):
                 return info
-            if isinstance(info, dict) and name != target.model:
-                return info
+        if any(n in models for n in names):
+            return None  # a model the map lists under another provider: known, and not this one
+        return self._generalized(names)
+
+    def _generalized(self, names: tuple[str, ...]) -> Mapping[str, Any] | None:
+        """The union of the capability rules (LiteLLM's `fallback_generalizations`) matching any of `names`."""
+        if self._rules is None:
+            with self._lock:
+                if self._rules is None:
+                    self._rules = _capability_rules(self.models)
+        for name in names:
+            matched = [info for pattern, info in self._rules if pattern.search(name)]
+            if matched:
+                return {k: v for info in matched for k, v in info.items()}
         return None
 
     def cost(self, target: Target, usage: Usage) -> float | None:
-        """The cost of `usage` by the map; None when the model is not in it or has no price there (a zero counts
-        only for a model marked free, as the LiteLLM engine decides)."""
+        """The cost of `usage` by the map; None when the model is not in it, or is in it without a price (as the
+        LiteLLM engine decides, a zero counts only for a model marked free: OpenRouter's `:free` variants)."""
         info = self.entry(target)
         if info is None:
             return None
-        per_in, per_out = info.get("input_cost_per_token"), info.get("output_cost_per_token")
-        if per_in is None and per_out is None:
-            return None
-        cost = usage.input_tokens * float(per_in or 0) + usage.output_tokens * float(per_out or 0)
+        per_in, per_out = info.get("input_cost_per_token") or 0, info.get("output_cost_per_token") or 0
+        cost = usage.input_tokens * float(per_in) + usage.output_tokens * float(per_out)
         if cost == 0 and (usage.input_tokens or usage.output_tokens) and not target.model.endswith(":free"):
             return None
         return cost
+
+
+def _capability_rules(models: Mapping[str, Any]) -> list[tuple[re.Pattern[str], dict[str, Any]]]:
+    """LiteLLM's capability rules for models its map does not name: (pattern, what a match says of the model)."""
+    block = models.get("fallback_generalizations")
+    rules = block.get("rules") if isinstance(block, dict) else None
+    out = []
+    for rule in rules if isinstance(rules, list) else ():
+        info = rule.get("model_info") if isinstance(rule, dict) else None
+        if not isinstance(info, dict):
+            continue
+        said = {k: v for k, v in info.items() if k != "litellm_provider"}
+        if not said:
+            continue  # a rule that only routes a bare name to a provider
+        try:
+            out.append((re.compile(str(rule.get("pattern", "")), re.IGNORECASE), said))
+        except re.error:
+            continue
+    return out

@@ -138,10 +138,13 @@ class ProviderHTTPError(Exception):
 
 
 def _scrubbed(text: str, send: Send) -> str:
-    """`text` without the key and header values this request carried (a provider may echo them)."""
-    secrets = [send.api_key or "", *send.target.headers.values()]
-    for s in secrets:
-        if len(s) >= 6 and s in text:
+    """`text` without the key and header values this request carried (a provider may echo them), nor the token
+    of a header such as `Authorization: Bearer <token>`."""
+    secrets = [send.api_key or ""]
+    for value in send.target.headers.values():
+        secrets += [value, *value.split()]
+    for s in sorted(secrets, key=len, reverse=True):
+        if len(s) >= 8 and s in text:
             text = text.replace(s, "***")
     return text
 
@@ -192,8 +195,8 @@ def stream_error(kind: str, code: Any, message: str) -> tuple[int, str]:
     """The status and outcome of an error object inside a 200 stream, as the LiteLLM engine reads it.
 
     LiteLLM's OpenAI client reads its message only: a rate limit or a context window by their text, else a server
-    error. For OpenRouter and vLLM the numeric `code` is the status (none: a server error). OpenRouter's own
-    message is not read, nor a string code (LiteLLM fails on those; see README "Engines").
+    error. For OpenRouter and vLLM the numeric `code` is the status (none: a server error, 503 and 500, as LiteLLM
+    says). OpenRouter's own message is not read, nor a string code (LiteLLM fails on those; README "Engines").
     """
     if _STYLE.get(kind) == "text-coded":
         if _rate_limit_text(message, 0):
@@ -201,9 +204,9 @@ def stream_error(kind: str, code: Any, message: str) -> tuple[int, str]:
         if _context_text(message):
             return 400, "context_window"
         return 500, "server_error"
-    status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+    status = code if isinstance(code, int) and 400 <= code <= 599 else (503 if kind == "openrouter" else 500)
     if _STYLE.get(kind) == "text" and _rate_limit_text(message, status):
-        return status, "rate_limit"
+        return 429, "rate_limit"
     return status, http_outcome("openrouter", status, "")
 
 
