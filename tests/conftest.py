@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -97,6 +97,18 @@ MakeRouter = Callable[..., Router]
 ENGINES = ("litellm", "direct")
 BOTH_ENGINES = pytest.mark.parametrize("engine", ENGINES, indirect=True)
 """Runs a test once per engine: `make_router` then sends every OpenAI-protocol provider through that engine."""
+
+
+def with_engines(argnames: str | tuple[str, ...], values: Iterable[Any], direct: Callable[[Any], bool]) -> Any:
+    """Parametrize `argnames` and the engine: every value on litellm, and on direct too where `direct(value)`."""
+    names = (argnames,) if isinstance(argnames, str) else tuple(argnames)
+    params = []
+    for value in values:
+        args = value if len(names) > 1 else (value,)
+        label = "-".join(str(getattr(a, "__name__", a)) for a in args)
+        for engine in ENGINES if direct(value) else ("litellm",):
+            params.append(pytest.param(*args, engine, id=f"{label}-{engine}"))
+    return pytest.mark.parametrize((*names, "engine"), params, indirect=["engine"])
 
 
 @pytest.fixture
