@@ -608,17 +608,31 @@ def test_calls_share_one_kept_alive_connection_per_pool(make_router: MakeRouter,
     r = make_router(DIRECT.replace("{UP}/a/v1", "{UP}/keepalive/v1"))  # a provider no other test has a pool for
     port = int(up.url.rsplit(":", 1)[1])
     before = _established(port)
-    for _ in range(10):
+    for _ in range(5):
         r.generate("hello", model="chat")
-    assert _established(port) - before == 1
+        assert "".join(r.generate("hello", model="chat", stream=True)) == "[simulated] hello"
+    assert _established(port) - before == 1  # streams read to their [DONE] give their connection back too
 
     async def calls() -> None:
-        for _ in range(10):
+        for _ in range(5):
             await r.agenerate("hello", model="chat")
+            assert "".join([d async for d in await r.agenerate("hello", model="chat", stream=True)])
         assert _established(port) - before == 2  # the async pool's own connection, on this loop
 
     asyncio.run(calls())
     assert len(up.requests("keepalive")) == 20
+
+
+def test_fifty_concurrent_calls_share_one_async_pool(make_router: MakeRouter, up: Upstream) -> None:
+    r = make_router(DIRECT)
+    up.set_default("a", lambda rec: Reply(text=f"echo {rec.prompt}", delay_s=0.01))
+
+    async def calls() -> list[str]:
+        results = await asyncio.gather(*(r.agenerate(f"p{i}", model="chat") for i in range(50)))
+        return [res.text for res in results]
+
+    assert asyncio.run(calls()) == [f"echo p{i}" for i in range(50)]
+    assert len(up.requests("a")) == 50
 
 
 def test_each_key_of_a_pool_has_its_own_client(make_router: MakeRouter, up: Upstream) -> None:

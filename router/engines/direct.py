@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("router")
 
+DRAIN_S = 0.25  # see _Source._drain_by
 # Connections per pool: a 2,000 calls/s service keeps a few hundred requests in flight per worker.
 LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30.0)
 
@@ -235,8 +236,14 @@ class _Source:
         return chunk
 
     def provider_finished(self) -> bool:
-        """Whether the provider itself sent a finish reason (the router makes none up)."""
+        """Whether the provider ended the answer: sent a finish reason (or, for the kinds that LiteLLM reads so,
+        `data: [DONE]` after none)."""
         return self.saw_finish
+
+    def _drain_by(self) -> float:
+        """How long the rest of a body may take to read after `data: [DONE]`: only the chunked terminator is left,
+        and reading it puts the connection back in the pool (a server that keeps talking is cut)."""
+        return min(self.deadline or float("inf"), time.monotonic() + DRAIN_S)
 
 
 class _SyncSource(_Source):
@@ -269,6 +276,7 @@ class _SyncSource(_Source):
                 if chunk is not None:
                     return chunk
                 if self.finished:
+                    self._drain()
                     raise StopIteration
                 try:
                     raw = next(self._raw)
@@ -287,6 +295,14 @@ class _SyncSource(_Source):
                 closed = self._closed
             if closed or self.finished:
                 self.response.close()
+
+    def _drain(self) -> None:
+        _deadline.set(self._drain_by())  # reset by __next__, which set the one before
+        try:
+            for _ in self._raw:
+                pass
+        except Exception:  # cut, or too slow: the connection is closed instead of kept
+            pass
 
     def close(self) -> None:
         """Stop the stream, from any thread."""
@@ -339,6 +355,7 @@ class _AsyncSource(_Source):
                 if chunk is not None:
                     return chunk
                 if self.finished:
+                    await self._drain()
                     await self.response.aclose()
                     raise StopAsyncIteration
                 try:
@@ -350,6 +367,14 @@ class _AsyncSource(_Source):
                 self.events.extend(self.sse.feed(raw))
         finally:
             _deadline.reset(token)
+
+    async def _drain(self) -> None:
+        _deadline.set(self._drain_by())  # reset by __anext__, which set the one before
+        try:
+            async for _ in self._raw:
+                pass
+        except Exception:  # cut, or too slow: the connection is closed instead of kept
+            pass
 
     async def aclose(self) -> None:
         """Close the response (its connection is dropped unless the stream was read to its end)."""
