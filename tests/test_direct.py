@@ -723,6 +723,7 @@ def test_prices_and_capabilities_are_litellms_read_from_its_file(kind: str, mode
 NO_LITELLM = """
 import asyncio, json, sys
 from prometheus_client import CollectorRegistry
+import router
 from router import Router, parse_config
 from router.sandbox import Reply, Upstream
 
@@ -737,6 +738,7 @@ aliases:
   mini: {targets: [a/gpt-4o-mini]}
   routed: {targets: [o/openai/gpt-4o-mini]}
 '''.replace("URL", up.url), "t.yaml")
+    router.preload(cfg)  # a gunicorn master's: the engines this config uses, and no other
     r = Router(cfg, registry=CollectorRegistry())
     up.enqueue("a", Reply(usage=(1000, 500)), Reply(text='{"city": "Paris"}'))
     up.enqueue("a", Reply(text="one two", stream_usage=False))

@@ -398,6 +398,8 @@ def classify_error(exc: BaseException) -> Failure:
     elif outcome is None:
         if isinstance(exc, httpx.TimeoutException):
             outcome = "timeout"
+        elif isinstance(exc, httpx.DecodingError):  # a body its Content-Encoding does not decode
+            outcome = "invalid_response"
         elif isinstance(exc, (httpx.TransportError, OSError)):
             outcome = "connection"
         else:

@@ -31,11 +31,11 @@ log = logging.getLogger("router")
 
 ERROR_BODY_CHARS = 2000  # of an error body, kept on the exception (scrubbed of the key and header values)
 
-# -- what each kind needs ----------------------------------------------------------------------
+# -- what each kind needs ---------------------------------------------------------------------------------------
 
-# How LiteLLM turns each kind's error answers into an outcome (see `http_outcome`): "text" reads the body as
-# LiteLLM's OpenAI mapping does ("Error code: N - " before it when the OpenAI SDK made the message), "status"
-# reads the status first, as its OpenRouter mapping does.
+# How LiteLLM reads each kind's error answers (see `http_outcome`): "text-coded" reads the body first, as its
+# OpenAI mapping does with the OpenAI SDK's message ("Error code: N - <body>"); "text" the same on the bare body
+# (its vLLM client); "status" reads the status first, as its OpenRouter mapping does.
 _STYLE = {"openai": "text-coded", "lm_studio": "text-coded", "hosted_vllm": "text", "openrouter": "status"}
 # Kinds that report a call's cost in `usage.cost` when asked with `usage: {include: true}`.
 _REPORTS_COST = frozenset({"openrouter"})
@@ -84,8 +84,8 @@ def request_body(send: Send) -> dict[str, Any]:
         if (target.key, refused) not in _noted:
             _noted.add((target.key, refused))
             log.warning("%s: %s not taken by this model, left out of its requests", target.key, ", ".join(refused))
-    if _REASONING_MODEL.match(target.model) and target.kind == "openai" and "max_tokens" in body:
-        body.setdefault("max_completion_tokens", body.pop("max_tokens"))
+    if "max_tokens" in body and target.kind == "openai" and _REASONING_MODEL.match(target.model):
+        body.setdefault("max_completion_tokens", body.pop("max_tokens"))  # they refuse max_tokens by that name
     return body
 
 
@@ -131,7 +131,7 @@ class ProviderHTTPError(Exception):
         self.code = code
         self.retry_after = retry_after
         self.in_stream = in_stream
-        self.outcome = outcome  # decided where it was raised (an error inside a stream); None: by http_outcome
+        self.outcome = outcome  # decided where it was raised, on all it said; None: by http_outcome of `body`
 
     def __str__(self) -> str:
         return self.message
@@ -162,16 +162,20 @@ def _error_fields(data: Any) -> tuple[str | None, str | None, Any]:
 
 
 def http_error(send: Send, status: int, headers: Mapping[str, str], content: bytes) -> ProviderHTTPError:
-    """The error of a non-2xx answer, its body scrubbed and cut."""
-    body = _scrubbed(content[: ERROR_BODY_CHARS * 4].decode("utf-8", "replace"), send)[:ERROR_BODY_CHARS]
+    """The error of a non-2xx answer: classified on its whole body (up to 64 KiB), kept scrubbed and cut."""
+    full = _scrubbed(content[:65536].decode("utf-8", "replace"), send)
     try:
-        message, code, _ = _error_fields(json.loads(body))
+        message, code, _ = _error_fields(json.loads(full))
     except ValueError:
         message, code = None, None
-    said = message if message else (body.strip()[:300] or "(empty body)")
+    said = message if message else (full.strip()[:300] or "(empty body)")
     retry = parse_retry_after(headers.get("retry-after"))
+    kind = send.target.kind
     text = f"HTTP {status} from {send.target.provider}: {said}"
-    return ProviderHTTPError(status, text, body, kind=send.target.kind, code=code, retry_after=retry)
+    outcome = http_outcome(kind, status, full, code)
+    return ProviderHTTPError(
+        status, text, full[:ERROR_BODY_CHARS], kind=kind, code=code, retry_after=retry, outcome=outcome
+    )
 
 
 def _error_object(send: Send, data: Mapping[str, Any], in_stream: bool) -> ProviderHTTPError:
