@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo lint bench bench-quick clean
+.PHONY: install test demo lint bench bench-quick bench-proxy clean
 
 install: $(STAMP)
 
@@ -32,6 +32,17 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.tracing
 	$(BIN)/python -m bench.hedge
+	-$(MAKE) bench-proxy
+	$(BIN)/python -m bench.gateway
+
+# LiteLLM's proxy, for bench.gateway to compare with, in a virtualenv of its own (litellm[proxy] pins many
+# packages): the litellm version of .ci/constraints.txt. A failed install leaves the bench saying so.
+PROXY_VENV := bench/.proxy-venv
+bench-proxy: $(PROXY_VENV)/bin/litellm
+
+$(PROXY_VENV)/bin/litellm: .ci/constraints.txt
+	$(PYTHON) -m venv $(PROXY_VENV)
+	$(PROXY_VENV)/bin/pip install --quiet "litellm[proxy]==$$(sed -n 's/^litellm==//p' .ci/constraints.txt)"
 
 bench-quick: $(STAMP)
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[bench]'
@@ -40,6 +51,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m bench.ledger --quick
 	$(BIN)/python -m bench.tracing --rounds 3 --calls 100
 	$(BIN)/python -m bench.hedge --calls 200 --rounds 2
+	$(BIN)/python -m bench.gateway --quick
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(PROXY_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -52,7 +52,7 @@ SPOTS = [
     ("openai SDK: response parse", "openai/_legacy_response.py", "parse"),
     ("httpx + litellm's aiohttp transport: send", "httpx/_client.py", "send"),
     ("router: agenerate (everything, litellm included)", "router/client.py", "agenerate"),
-    ("router: _prepare (plan, kwargs)", "router/client.py", "_prepare"),
+    ("router: make_plan (plan, request bodies)", "router/planner.py", "make_plan"),
     ("router: read_response", "router/engines/litellm.py", "read_response"),
 ]
 

@@ -10,7 +10,11 @@ marked dead. Use it as is (`gunicorn -c examples/gunicorn.conf.py app:app`) or c
 - `child_exit` marks each exited worker dead, so its in-flight calls, circuit states and config leave the
   gauges; its counts stay.
 - LiteLLM is imported once, in the master (`router.preload()`): the workers inherit it, so they start at
-  once and share its ~170 MB instead of each importing it at its first call.
+  once and share its ~170 MB instead of each importing it at its first call. preload() also freezes that heap
+  for the garbage collector, so no worker copies it page by page when it collects.
+- `worker_exit` ends a stopping worker with `router.exit_worker()`: its atexit handlers run (the ledger's
+  rows are written), then it exits at once instead of tearing down the inherited heap object by object. A
+  SIGTERM then stops the workers in a fraction of a second instead of 3-6 s (tests/test_multiprocess.py).
 - No `preload_app`: each worker builds its own Router after the fork (its watch thread would not survive it).
 - With LLM_ROUTER_METRICS_PORT set, the master also serves /metrics on that port: a scrape then never
   waits for a busy worker.
@@ -53,3 +57,9 @@ def child_exit(server, worker):  # type: ignore[no-untyped-def]
     import router
 
     router.mark_process_dead(worker.pid)
+
+
+def worker_exit(server, worker):  # type: ignore[no-untyped-def]
+    import router
+
+    router.exit_worker()  # last: after this hook, the worker process is gone

@@ -9,6 +9,7 @@ from ._version import __version__
 from .api import (
     agenerate,
     default_router,
+    exit_worker,
     generate,
     mark_process_dead,
     metrics_registry,
@@ -23,6 +24,7 @@ from .errors import (
     BudgetExceededError,
     ConfigError,
     DeadlineExceededError,
+    HookFailedError,
     MissingCredentialsError,
     ProviderError,
     RouterError,
@@ -30,6 +32,8 @@ from .errors import (
     UnknownModelError,
     UnknownProviderError,
 )
+from .gateway import async_openai_client, openai_client
+from .hooks import AttemptReport, Call, Hook
 from .metrics import RouterMetrics
 from .types import Attempt, Result, Skip, Usage
 from .usage import query_usage
@@ -38,9 +42,13 @@ __all__ = [
     "AllTargetsFailedError",
     "AsyncStream",
     "Attempt",
+    "AttemptReport",
     "BudgetExceededError",
+    "Call",
     "ConfigError",
     "DeadlineExceededError",
+    "Hook",
+    "HookFailedError",
     "MissingCredentialsError",
     "ProviderError",
     "Result",
@@ -57,12 +65,15 @@ __all__ = [
     "Usage",
     "__version__",
     "agenerate",
+    "async_openai_client",
     "config_schema",
     "default_router",
+    "exit_worker",
     "generate",
     "load_config",
     "mark_process_dead",
     "metrics_registry",
+    "openai_client",
     "parse_config",
     "preload",
     "query_usage",

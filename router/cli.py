@@ -1,4 +1,4 @@
-"""The `llm-router` command: validate | explain | generate | usage | demo | schema.
+"""The `llm-router` command: validate | explain | generate | usage | serve | demo | schema.
 
 `validate`, `explain`, `usage` and `schema` never import litellm, so they answer in well under a second.
 Exit codes: 0 fine, 1 the config or the call failed, 2 the command line is wrong.
@@ -129,6 +129,34 @@ def cmd_usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve the OpenAI-compatible gateway until stopped."""
+    if importlib.util.find_spec("uvicorn") is None or (
+        args.workers > 1 and importlib.util.find_spec("gunicorn") is None
+    ):
+        _err("llm-router serve: the server is not installed: pip install 'llm-router[serve]'")
+        return 1
+    from .gateway.server import ServeOptions, bind_problem, serve
+
+    cfg = load_config(args.config)  # a bad file stops here, before any socket
+    problem = bind_problem(args.host, cfg, args.allow_unauthenticated)
+    if problem:
+        _err(f"llm-router serve: {problem}")
+        return 2
+    opts = ServeOptions(
+        config=args.config,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        allow_unauthenticated=args.allow_unauthenticated,
+        graceful_timeout_s=args.graceful_timeout,
+        watch=args.watch,
+        access_log=args.access_log,
+        log_level=args.log_level,
+    )
+    return serve(opts, args.argv)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the offline demo on the simulated sandbox provider."""
     from .demo import run
@@ -149,6 +177,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
     return value
 
 
@@ -193,6 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--format", choices=["table", "csv", "json"], default="table")
     u.set_defaults(func=cmd_usage)
 
+    sv = sub.add_parser("serve", help="serve the OpenAI-compatible gateway (needs llm-router[serve])")
+    sv.add_argument(
+        "-c", "--config", default=_default_config(), help="config file (default: $LLM_ROUTER_CONFIG or %(default)s)"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    sv.add_argument("--port", type=int, default=4000, help="port (default: %(default)s)")
+    sv.add_argument("--workers", type=_positive_int, default=1, help="worker processes (default: %(default)s)")
+    sv.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a non-loopback address without gateway: keys (something in front checks every request)",
+    )
+    sv.add_argument(
+        "--graceful-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="on SIGTERM, how long answers in flight may take to finish, in seconds (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--no-watch", dest="watch", action="store_false", help="do not reload the config when the file changes"
+    )
+    sv.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
+    sv.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="(default: info)"
+    )
+    sv.set_defaults(func=cmd_serve)
+
     d = sub.add_parser("demo", help="offline demo on the simulated sandbox provider")
     d.add_argument("-c", "--config", default=None, help="sandbox config (default: the built-in config/sandbox.yaml)")
     d.set_defaults(func=cmd_demo)
@@ -204,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-router` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `serve --workers N` executes itself again with it
     try:
         code: int = args.func(args)
     except ConfigError as exc:

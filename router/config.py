@@ -14,7 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,6 +40,7 @@ from pydantic import (
 from . import outcomes
 from .engines import direct_problem
 from .errors import ConfigError, ConfigProblem
+from .secrets import MASK, redact_url
 
 DEFAULT_FALLBACK_ON = list(outcomes.DEFAULT_FALLBACK_ON)
 # Latency of LLM calls runs from tens of milliseconds (a cached or tiny answer) to minutes (long generations).
@@ -145,6 +146,17 @@ class ProviderConfig(_Model):
 
     # The environment variables each key was read from, for "set OPENAI_API_KEY" messages.
     _key_env_vars: tuple[tuple[str, ...], ...] = PrivateAttr(default=())
+    # What `${VAR}` references put into the headers: secrets (router/secrets.py).
+    _header_env_values: tuple[str, ...] = PrivateAttr(default=())
+
+    def __repr_args__(self) -> Any:
+        # A repr lands in logs and tracebacks: no header value (it may be a token), no password of api_base.
+        for name, value in super().__repr_args__():
+            if name == "api_base" and isinstance(value, str):
+                value = redact_url(value)
+            elif name == "headers" and isinstance(value, dict):
+                value = dict.fromkeys(value, MASK)
+            yield name, value
 
     @field_validator("kind")
     @classmethod
@@ -171,6 +183,10 @@ class ProviderConfig(_Model):
             if dup:
                 raise ValueError(f"key names must be unique: {', '.join(dup)}")
         return v
+
+    def header_env_values(self) -> tuple[str, ...]:
+        """The values `${VAR}` references (or their defaults) put into the headers."""
+        return self._header_env_values
 
     def api_keys(self) -> tuple[ApiKey, ...]:
         """The provider's keys as the router uses them (empty: no key configured)."""
@@ -235,6 +251,9 @@ class TargetConfig(_Model):
 
 def _split_target(text: str) -> dict[str, str]:
     provider, sep, model = text.partition("/")
+    if not sep and (len(text) > 24 or text.lower().startswith(("sk-", "sk_"))):
+        # Not echoed: no '/' and as long as a key (or shaped like one) may be a key pasted on the wrong line.
+        raise ValueError(f"a target must be written '<provider>/<model>'; this one has no '/' ({len(text)} characters)")
     if not sep or not provider or not model:
         raise ValueError(f"target {text!r} must be written '<provider>/<model>'")
     return {"provider": provider, "model": model}
@@ -423,7 +442,9 @@ class LedgerConfig(_Model):
     )
     batch_size: PositiveInt = Field(500, description="At most this many rows per write.")
     spool_path: str | None = Field(
-        None, description="Local file rows wait in while the database is down (default: next to the SQLite file or ./)."
+        None,
+        description="Local file rows wait in while the database is down (default: next to the SQLite file, or "
+        "for PostgreSQL a file named by the database in $XDG_STATE_HOME/llm-router).",
     )
 
     @model_validator(mode="after")
@@ -500,6 +521,66 @@ def _check_cache(cfg: RouterConfig, src: _Source) -> None:
         )
 
 
+# -- the gateway (llm-router serve) --
+
+# What a gateway key's tags may be: the names and values generate(tags=...) takes. Two names are the gateway's
+# own (the key's name, the request's `user`), so a key has at most 30.
+_GATEWAY_TAG_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
+MIN_GATEWAY_KEY_CHARS = 16
+
+
+class GatewayKeyConfig(_Model):
+    """A client key of the gateway: who holds it (`name`), the secret, the tags its calls carry, its aliases."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    key: SecretStr = Field(description='The secret clients send as "Authorization: Bearer ...": "${VAR}".')
+    tags: dict[Annotated[str, Field(pattern=_GATEWAY_TAG_NAME)], Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=dict, max_length=30, description="Tags of every call made with this key (ledger, budgets)."
+    )
+    aliases: list[str] | None = Field(None, min_length=1, description="The aliases this key may use (absent: all).")
+
+    @field_validator("key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr) -> SecretStr:
+        if len(v.get_secret_value()) < MIN_GATEWAY_KEY_CHARS:
+            raise ValueError(
+                f"a client key must be at least {MIN_GATEWAY_KEY_CHARS} characters "
+                "(make one with: openssl rand -hex 24)"
+            )
+        return v
+
+
+class GatewayConfig(_Model):
+    """The client keys of `llm-router serve`: with any, every request needs one (Authorization: Bearer)."""
+
+    keys: list[GatewayKeyConfig] = Field(min_length=1, description="The client keys, each with its tags and aliases.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayConfig:
+        names = [k.name for k in self.keys]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"key names must be unique: {', '.join(dup)}")
+        seen: dict[str, str] = {}
+        for k in self.keys:
+            other = seen.setdefault(k.key.get_secret_value(), k.name)
+            if other != k.name:  # never the value itself
+                raise ValueError(f"keys {other!r} and {k.name!r} have the same secret: give each client its own")
+        return self
+
+
+def _check_gateway(cfg: RouterConfig, src: _Source) -> None:
+    if cfg.gateway is None:
+        return
+    for i, k in enumerate(cfg.gateway.keys):
+        for j, alias in enumerate(k.aliases or ()):
+            if alias not in cfg.aliases:
+                src.problem(
+                    ("gateway", "keys", i, "aliases", j),
+                    f"alias {alias!r} is not defined under aliases{_suggest(alias, cfg.aliases)}",
+                )
+
+
 class RouterConfig(_Model):
     """The whole config file."""
 
@@ -514,6 +595,7 @@ class RouterConfig(_Model):
     state: StateConfig = StateConfig()
     ledger: LedgerConfig | None = Field(None, description="Record every call (SQLite file or PostgreSQL).")
     budgets: list[BudgetConfig] = Field(default_factory=list, description="Spend limits, checked before requests.")
+    gateway: GatewayConfig | None = Field(None, description="Client keys of `llm-router serve` (absent: none).")
 
     _tiers: dict[str, tuple[tuple[Target, ...], ...]] = PrivateAttr(default_factory=dict)
     _source: str = PrivateAttr("<config>")
@@ -563,6 +645,13 @@ class Target:
     def __post_init__(self) -> None:
         object.__setattr__(self, "key", f"{self.provider}/{self.model}")
         object.__setattr__(self, "litellm_model", f"{self.kind}/{self.model}")
+
+    def __repr__(self) -> str:
+        # A repr lands in logs and tracebacks: no header value (it may be a token), no password of api_base.
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        shown["api_base"] = redact_url(self.api_base) if self.api_base else self.api_base
+        shown["headers"] = dict.fromkeys(self.headers, MASK)
+        return f"Target({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @property
     def has_credentials(self) -> bool:
@@ -874,9 +963,11 @@ class _Source:
 
 def _interpolate_tree(
     src: _Source, data: Any, env: Mapping[str, str]
-) -> tuple[Any, dict[str, dict[int, tuple[str, ...]]]]:
-    """Expand env vars in every string; an unset var is an error except in a key (its target is then skipped)."""
+) -> tuple[Any, dict[str, dict[int, tuple[str, ...]]], dict[str, list[str]]]:
+    """Expand env vars in every string; an unset var is an error except in a key (its target is then skipped).
+    Also returns, per provider, the env vars each key was read from and what env vars put into its headers."""
     key_env: dict[str, dict[int, tuple[str, ...]]] = {}
+    header_env: dict[str, list[str]] = {}
 
     def walk(x: Any, loc: tuple[Any, ...]) -> Any:
         if isinstance(x, dict):
@@ -893,6 +984,8 @@ def _interpolate_tree(
             src.problem(loc, f"{bad!r} is not an env var reference: write ${{NAME}} or ${{NAME:-default}} ($$ for a $)")
             return x
         text, used, unset = interpolate(x, env)
+        if len(loc) == 4 and loc[0] == "providers" and loc[2] == "headers":
+            header_env.setdefault(loc[1], []).extend(_substituted(x, env))
         index = _key_index(loc)
         if index is not None:
             key_env.setdefault(loc[1], {})[index] = tuple(used)
@@ -903,7 +996,12 @@ def _interpolate_tree(
             src.problem(loc, f"environment variable {names} is not set; set it or give a default: ${{{unset[0]}:-...}}")
         return text
 
-    return walk(data, ()), key_env
+    return walk(data, ()), key_env, header_env
+
+
+def _substituted(value: str, env: Mapping[str, str]) -> list[str]:
+    """What each `${VAR}` of `value` expands to (the variable, else its default)."""
+    return [env.get(m.group(1), "") or (m.group(2) or "") for m in _VAR.finditer(value) if m.group(1)]
 
 
 def _key_index(loc: tuple[Any, ...]) -> int | None:
@@ -965,7 +1063,7 @@ def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | Non
         raise ConfigError(
             [ConfigProblem(file, 1, "", "the file must be a mapping with version, providers and aliases")]
         )
-    data, key_env = _interpolate_tree(src, src.data, env)
+    data, key_env, header_env = _interpolate_tree(src, src.data, env)
     if src.problems:
         raise ConfigError(src.problems)
     try:
@@ -978,6 +1076,7 @@ def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | Non
     for name, provider in cfg.providers.items():
         n = len(provider.api_key) if isinstance(provider.api_key, list) else 1
         provider._key_env_vars = tuple(key_env.get(name, {}).get(i, ()) for i in range(n))
+        provider._header_env_values = tuple(header_env.get(name, ()))
     _check_references(cfg, src)
     if src.problems:
         raise ConfigError(src.problems)
@@ -1046,6 +1145,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
     cfg._tiers = tiers
     _check_budgets(cfg, src)
     _check_cache(cfg, src)
+    _check_gateway(cfg, src)
 
 
 def _circuit(base: CircuitConfig, override: CircuitOverride | None) -> CircuitConfig:

@@ -12,6 +12,8 @@ The hierarchy::
     ├── StreamInterruptedError               a stream broke after text was yielded       .text .usage .cost_usd
     ├── BudgetExceededError                  a budget refused the call before any request .budget .spent_usd
     │                                        (limit reached, price unknown, store down)   .limit_usd .resets_at .reason
+    ├── HookFailedError                      a hook that rewrites requests or answers     .hook .method
+    │                                        failed: the call fails closed
     └── AllTargetsFailedError                every target was tried and failed           .alias .attempts
         └── DeadlineExceededError            the call's deadline ran out first           .deadline_s
 
@@ -212,6 +214,18 @@ class DeadlineExceededError(AllTargetsFailedError):
         super().__init__(
             alias, attempts, reason=f"deadline of {deadline_s:g}s exceeded", outcome=None if attempts else "timeout"
         )
+
+
+class HookFailedError(RouterError):
+    """A hook's rewrite_request or rewrite_text raised: the call fails rather than send (or return) what the hook
+    was there to change, say a prompt it should have redacted. The hook's exception is the `__cause__`."""
+
+    outcome = "hook_failed"
+
+    def __init__(self, hook: str, method: str) -> None:
+        self.hook = hook
+        self.method = method
+        super().__init__(f"hook {hook}.{method} failed, so the call was stopped (see the log for its traceback)")
 
 
 def redact(text: str, secrets: Sequence[str]) -> str:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 
 from .config import RouterConfig, Target
+from .secrets import redact_url
 
 Peek = Callable[[Target], tuple[str, float]]
 
@@ -80,7 +81,7 @@ def explain(
             for t in tier:
                 lead = f"     - {t.weight / total:.0%} " if len(tier) > 1 else f"  {i}. "
                 params = f"  params {json.dumps(dict(t.params), sort_keys=True)}" if t.params else ""
-                base = f", at {t.api_base}" if t.api_base else ""
+                base = f", at {redact_url(t.api_base)}" if t.api_base else ""
                 out.append(f"{lead}{t.key}  (litellm model {t.litellm_model}{base}, timeout {t.timeout_s:g}s){params}")
                 reason = skip_reason(t, disabled, peek, now)
                 usable += reason is None or not reason.startswith("SKIPPED")

@@ -13,6 +13,8 @@ gunicorn's `child_exit`) takes its in-flight calls, circuit states and config wi
     circuit_state                       livemostrecent  the state a live worker recorded last
     config_info                         livemax         each sha256 that some live worker has in force
     config_last_reload_timestamp        livemin         every live worker has (re)loaded at or after this
+    ledger_rows_waiting                 livemax         the most rows any live worker has waiting (workers on
+                                                        one host share a spool: a sum would count it twice)
 """
 
 from __future__ import annotations
@@ -159,8 +161,22 @@ class RouterMetrics:
         )
         self.budget_rejections = Counter(
             "budget_rejections_total",
-            "Requests a budget refused or rerouted before sending, by reason (limit, unpriced, unavailable).",
+            "Requests a budget refused or rerouted before sending, by reason (limit, unpriced, unavailable, deadline).",
             ["budget", "reason"],
+            **kw,
+        )
+        self.ledger_rows_dropped = Counter(
+            "ledger_rows_dropped_total",
+            "Ledger rows that reached no database, by reason (rejected: refused for their content, kept in the "
+            "dead-letter file; queue_full: no room left in memory; torn: a spool line torn by a crash; closed: "
+            "still in memory when the ledger closed).",
+            ["reason"],
+            **kw,
+        )
+        self.ledger_rows_waiting = Gauge(
+            "ledger_rows_waiting",
+            "Ledger rows a failed write left waiting for the database, in the spool file and in memory.",
+            multiprocess_mode="livemax",
             **kw,
         )
         self.in_flight = Gauge("in_flight", "generate() calls under way.", ["alias"], multiprocess_mode="livesum", **kw)
@@ -199,6 +215,12 @@ class RouterMetrics:
         )
         self.state_store_errors = Counter(
             "state_store_errors_total", "Failed exchanges with the shared health-state store.", ["backend"], **kw
+        )
+        self.gateway_responses = Counter(
+            "gateway_responses_total",
+            "HTTP answers of the gateway (llm-router serve, openai_client()) by route and status (499: client left).",
+            ["route", "status"],
+            **kw,
         )
 
     _shared: ClassVar[weakref.WeakKeyDictionary[CollectorRegistry, dict[str, RouterMetrics]]] = (
@@ -299,6 +321,10 @@ class RouterMetrics:
         """A hedged request answered first."""
         self.hedge_wins.labels(alias, provider, model).inc()
 
+    def gateway_response(self, route: str, status: int) -> None:
+        """The gateway answered a request to `route` (a fixed set of names) with `status`."""
+        self.gateway_responses.labels(route, str(status)).inc()
+
     def state_store(self, backend: str, up: bool, failed: bool) -> None:
         """The shared state store answered (`up`) or not; `failed`: count one failed exchange."""
         self.state_store_up.labels(backend).set(1 if up else 0)
@@ -312,6 +338,14 @@ class RouterMetrics:
     def budget_remaining(self, budget: str, usd: float) -> None:
         """What is left of a budget's current period."""
         self.budget_remaining_usd.labels(budget).set(usd)
+
+    def ledger_dropped(self, reason: str, rows: int) -> None:
+        """Ledger rows that reached no database (0: make the series exist)."""
+        self.ledger_rows_dropped.labels(reason).inc(rows)
+
+    def ledger_waiting(self, rows: int) -> None:
+        """Ledger rows waiting for the database after a failed write."""
+        self.ledger_rows_waiting.set(rows)
 
     def reload_result(self, ok: bool) -> None:
         """A config reload was applied or rejected."""

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit
 from .config import ApiKey, CircuitConfig, StateConfig
 from .errors import redact
 from .health import STATE_VALUE, Admission, Circuit, CircuitState, MemoryCircuitStore, MemoryKeyStore, record
+from .secrets import url_secrets
 
 if TYPE_CHECKING:
     from .metrics import RouterMetrics
@@ -628,7 +629,6 @@ def shared_state(
     if cfg.backend == "redis":
         assert cfg.url is not None
         url = cfg.url.get_secret_value()
-        password = urlsplit(url).password
         return SharedState(
             lambda: RedisBackend(url, prefix, timeout_s),
             "redis",
@@ -636,6 +636,6 @@ def shared_state(
             cfg.sync_s,
             metrics,
             clock,
-            secrets=(password,) if password else (),
+            secrets=url_secrets(url),
         )
     raise ValueError(f"state backend {cfg.backend!r} is not shared")

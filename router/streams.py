@@ -93,6 +93,12 @@ def _close_forever() -> None:
         close_quietly(_closing.get())
 
 
+def close_later(thing: Any) -> None:
+    """Have `thing` closed on the closer thread, not this one (safe from a finalizer: a queue put)."""
+    _start_closer()
+    _closing.put(thing)
+
+
 def _abandoned(pump: _Pump) -> None:
     """Finalizer of a dropped stream: tell its pump to stop and leave the closing to the closer thread."""
     pump.stopped = True
@@ -123,6 +129,7 @@ class StreamState:
         self.provider_cost: float | None = None
         self.error: BaseException | None = None
         self.model: str | None = None  # the model the provider says answered
+        self.shown: list[str] | None = None  # the text the caller was given, when hooks rewrite it on its way
         self.limits = limits
         self.started = time.monotonic() if started is None else started
         self.last_text = self.started
@@ -132,6 +139,11 @@ class StreamState:
     def text(self) -> str:
         """The text received so far."""
         return "".join(self.parts)
+
+    @property
+    def shown_text(self) -> str:
+        """The text the caller was given: as received, or as the hooks rewrote it."""
+        return "".join(self.shown) if self.shown is not None else self.text
 
     @property
     def has_content(self) -> bool:

@@ -62,12 +62,16 @@ def series(samples: Samples, name: str) -> list[dict[str, str]]:
 
 
 class Gunicorn:
-    """A real gunicorn master with WORKERS workers serving one of the example apps on a loopback socket.
+    """A real gunicorn master with `workers` workers (default WORKERS) serving one of the example apps on a
+    loopback socket.
 
     `template` is the router config, formatted with `up` (the upstream's URL) and `more` (see write_config)."""
 
-    def __init__(self, app: str, worker_class: str, workdir: Path, up: Upstream, template: str) -> None:
+    def __init__(
+        self, app: str, worker_class: str, workdir: Path, up: Upstream, template: str, workers: int = WORKERS
+    ) -> None:
         self.app, self.worker_class, self.workdir, self.template = app, worker_class, workdir, template
+        self.n_workers = workers
         self.mp_dir = workdir / "metrics"
         self.config = workdir / "router.yaml"
         self.write_config(up.url)
@@ -107,7 +111,7 @@ class Gunicorn:
                 "-c",
                 "examples/gunicorn.conf.py",
                 "--workers",
-                str(WORKERS),
+                str(self.n_workers),
                 "--worker-class",
                 self.worker_class,
                 "--bind",
@@ -134,7 +138,7 @@ class Gunicorn:
         return [int(p) for p in text.split()]
 
     def wait_workers(self, old: frozenset[int] = frozenset(), timeout: float = 60) -> list[int]:
-        """Wait for WORKERS workers not in `old` that have built their Router (their config is in the files)."""
+        """Wait for the workers, none in `old`, to have built their Router (their config is in the files)."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -142,13 +146,13 @@ class Gunicorn:
                 raise AssertionError(f"gunicorn exited:\n{self.output()}")
             pids = self.workers()
             if (
-                len(pids) == WORKERS
+                len(pids) == self.n_workers
                 and not old & set(pids)
                 and all((self.mp_dir / f"gauge_livemax_{p}.db").exists() for p in pids)
             ):
                 return pids
             time.sleep(0.1)
-        raise AssertionError(f"{WORKERS} workers did not come up in {timeout}s:\n{self.output()}")
+        raise AssertionError(f"{self.n_workers} workers did not come up in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
         self.log.flush()

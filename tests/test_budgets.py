@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,10 +19,11 @@ import pytest
 from conftest import KEY_A, KEY_B, KEY_C, MakeRouter, standard_config
 from prometheus_client import CollectorRegistry
 
-from router import BudgetExceededError, ConfigError, parse_config
+from router import BudgetExceededError, ConfigError, DeadlineExceededError, parse_config
 from router.config import BudgetConfig, LedgerConfig, Target
 from router.hooks import Call, Hook, Reroute
-from router.plugins.budgets import input_token_bound, output_token_bound, period_bounds, scope_of
+from router.plugins.budgets import Budgets, input_token_bound, output_token_bound, period_bounds, scope_of
+from router.plugins.ledger import ledger_of
 from router.plugins.store import SqliteStore, Store
 from router.sandbox import Reply, Upstream
 from router.usage import read_calls
@@ -421,10 +424,118 @@ def test_each_raced_request_holds_and_settles_its_own_cost(
     r = make_router(text)
     up.enqueue("a", Reply(text="slow a", usage=(5, 100), delay_s=3.0))
     up.enqueue("b", Reply(text="quick b", usage=(5, 10)))  # $0.01, though $0.10 is held for each request
-    res = r.generate("hi", model="hedged", max_tokens=100) if mode == "sync" else asyncio.run(
-        r.agenerate("hi", model="hedged", max_tokens=100)
+    res = (
+        r.generate("hi", model="hedged", max_tokens=100)
+        if mode == "sync"
+        else asyncio.run(r.agenerate("hi", model="hedged", max_tokens=100))
     )
     assert res.provider == "b" and sorted(a.outcome for a in res.attempts) == ["cancelled", "success"]
     r.close()
     assert budget_spent(SqliteStore(db)) == round(res.cost_usd * 1e9) == 10 * 1000 * 1000  # b's, not 0, not a hold
     assert holds_left(SqliteStore(db)) == 0
+
+
+# -- holds never leak, waits never outlast the deadline ------------------------------------------------------
+
+
+def _lock_exclusively(db: Path) -> sqlite3.Connection:
+    """Another process's writer holding the budget database's lock (BEGIN EXCLUSIVE) until it commits."""
+    conn = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
+    conn.execute("BEGIN EXCLUSIVE")
+    return conn
+
+
+def _spend_rows(db: Path) -> int:
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM llm_budget_spend").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_a_call_cancelled_while_its_reservation_is_made_gives_the_hold_back(
+    make_router: MakeRouter, up: Upstream, db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    r = make_router(extra=extra(db, "{name: all, period: day, limit_usd: 1}"))
+    answer(up)
+    r.generate("hi", max_tokens=100)  # the schema exists, litellm is imported
+    budgets = next(h for h in r._hooks.hooks if isinstance(h, Budgets))
+    budgets.store.flush()
+    locker = _lock_exclusively(db)  # the reservation waits in its thread
+
+    async def cancel_mid_reservation() -> None:
+        task = asyncio.create_task(r.agenerate("hi", max_tokens=100))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        locker.execute("COMMIT")  # the reservation goes through in its thread, after the call ended
+
+    try:
+        asyncio.run(cancel_mid_reservation())  # returns once the executor's threads are done: the reservation too
+    finally:
+        if locker.in_transaction:
+            locker.execute("COMMIT")
+        locker.close()
+    assert not [m for m in caplog.messages if "budgets:" in m]  # the reservation was made, and did not fail
+    budgets.store.flush()
+    assert holds_left(SqliteStore(db)) == 0  # given back at once, not after HOLD_TTL_S
+    assert len(up.requests("a")) == 1
+    for _ in range(9):  # the whole dollar is still there: nine more calls fit
+        r.generate("hi", max_tokens=100)
+    r.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_locked_budget_database_holds_a_call_no_longer_than_its_deadline(
+    make_router: MakeRouter,
+    up: Upstream,
+    registry: CollectorRegistry,
+    db: Path,
+    caplog: pytest.LogCaptureFixture,
+    mode: str,
+) -> None:
+    r = make_router(extra=extra(db, "{name: all, period: day, limit_usd: 1}"))
+    answer(up)
+    r.generate("hi", max_tokens=100)
+    locker = _lock_exclusively(db)
+    took = []
+    try:
+        for _ in range(2):
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceededError) as info:
+                if mode == "sync":
+                    r.generate("hi", max_tokens=100, timeout=1)
+                else:
+                    asyncio.run(r.agenerate("hi", max_tokens=100, timeout=1))
+            took.append(time.monotonic() - t0)
+    finally:
+        locker.execute("COMMIT")
+        locker.close()
+    assert all(0.9 < t < 1.5 for t in took), took  # not SQLite's 30 s busy wait
+    assert info.value.deadline_s == pytest.approx(1, abs=0.05) and info.value.outcome == "timeout"
+    assert len(up.requests("a")) == 1  # nothing was sent unchecked
+    assert registry.get_sample_value("llm_router_budget_rejections_total", {"budget": "all", "reason": "deadline"}) == 2
+    assert len([m for m in caplog.messages if "what was left of a call's deadline" in m]) == 1  # once
+    assert r.generate("hi", max_tokens=100).text == "ok"  # unlocked: calls go through again
+    r.close()
+
+
+def test_budgets_reopen_a_database_file_deleted_mid_run(
+    make_router: MakeRouter, up: Upstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    db = tmp_path / "data" / "ledger.sqlite3"
+    db.parent.mkdir()
+    r = make_router(extra=extra(db, "{name: all, period: day, limit_usd: 0.25}"))
+    answer(up)
+    r.generate("hi", max_tokens=100)
+    r.generate("hi", max_tokens=100)
+    ledger = ledger_of(r._hooks.hooks)
+    assert ledger is not None and ledger.flush(10)  # both have the file open
+    shutil.rmtree(db.parent)  # $0.20 of $0.25 spent, in the file now gone
+    r.generate("hi", max_tokens=100)  # a new, empty file: the budget starts again there
+    r.close()
+    assert budget_spent(SqliteStore(db)) == 100_000_000  # the new file holds it, not the deleted one
+    assert len([m for m in caplog.messages if "deleted or replaced" in m]) == 2  # the ledger's and the budgets'

@@ -46,6 +46,7 @@ CONFIG = standard_config(
     narrow: {{targets: [a/model-a, b/model-b, c/model-c], hedge: {{after_s: {HEDGE_AFTER}}}}}
     solo: {{targets: [a/model-a], hedge: {{after_s: {HEDGE_AFTER}}}}}
     pct: {{targets: [a/model-a, b/model-b], hedge: {{after_percentile: 90}}}}
+    cutter: {{targets: [a/model-a, b/model-b], hedge: {{after_s: 0.02}}}}
     patient: {{targets: [a/model-a, b/model-b], hedge: {{after_s: {SLOW / 2}}}}}
     idle:
       targets: [a/model-a, {{provider: b, model: model-b, stream_idle_timeout_s: 0.5}}]
@@ -310,6 +311,23 @@ def test_a_percentile_hedge_waits_for_enough_latencies(r: Router, up: Upstream, 
     assert res.provider == "b", res.attempts
     assert took < SLOW / 2
     assert sample(registry, "llm_router_hedges_total", alias="pct", provider="b", model="model-b") == 1
+
+
+def test_a_percentile_hedge_learns_from_its_own_alias_and_from_answers_only(
+    r: Router, up: Upstream, registry: CollectorRegistry
+) -> None:
+    # Another alias races the same target and cuts it off after 20 ms, MIN_SAMPLES times: those are neither this
+    # alias's latencies nor answers, so they must not time this alias's hedges.
+    up.set_default("a", Reply(text="slow a", delay_s=0.5))
+    up.set_default("b", Reply(text="quick b"))
+    for _ in range(MIN_SAMPLES + 5):
+        assert r.generate("hi", model="cutter").provider == "b"
+    up.set_default("a", Reply(text="a, in its usual time", delay_s=0.3))
+    before = len(up.requests("b"))
+    res = r.generate("hi", model="pct")
+    assert res.provider == "a", res.attempts  # no latencies of its own yet, and no after_s: no hedge
+    assert len(up.requests("b")) == before
+    assert sample(registry, "llm_router_hedges_total", alias="pct", provider="b", model="model-b") == 0
 
 
 def test_latency_percentiles_by_nearest_rank() -> None:

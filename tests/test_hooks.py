@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -219,3 +221,33 @@ def test_all_failed_reaches_call_finished(make_router: MakeRouter, up: Upstream)
         r.generate("hi")
     assert rec.names().count("attempt_finished") == 6
     assert rec.events[-1][1][0] == "server_error"
+
+
+class _Threads(Hook):
+    """Records the thread each after-hook ran in."""
+
+    def __init__(self) -> None:
+        self.ran_in: list[tuple[str, str]] = []
+
+    def attempt_finished(self, call: Call, report: AttemptReport) -> None:
+        self.ran_in.append(("attempt_finished", threading.current_thread().name))
+
+    def call_finished(self, call: Call, result: Any, error: BaseException | None) -> None:
+        self.ran_in.append(("call_finished", threading.current_thread().name))
+
+
+def test_the_after_hooks_of_a_dropped_stream_never_run_in_the_collecting_thread(
+    make_router: MakeRouter, up: Upstream
+) -> None:
+    watch = _Threads()
+    r = make_router(hooks=[watch])
+    up.enqueue("a", Reply(text="one two three four five six seven eight nine ten"))
+    stream = r.generate("hi", model="single", stream=True)
+    next(stream)
+    del stream
+    gc.collect()  # the stream is collected here, in this thread
+    end = time.monotonic() + 3
+    while len(watch.ran_in) < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    assert [name for name, _ in watch.ran_in] == ["attempt_finished", "call_finished"]
+    assert all(thread != threading.current_thread().name for _, thread in watch.ran_in), watch.ran_in

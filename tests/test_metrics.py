@@ -67,6 +67,9 @@ METRICS = {
     "state_store_errors": "counter",
     "budget_remaining_usd": "gauge",
     "budget_rejections": "counter",
+    "gateway_responses": "counter",
+    "ledger_rows_dropped": "counter",
+    "ledger_rows_waiting": "gauge",
 }
 KEY_OF = {"a": KEY_A, "b": KEY_B, "c": KEY_C}
 

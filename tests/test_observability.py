@@ -63,6 +63,7 @@ pricing:
   fast/sim-small: {input_per_1m: 0.15, output_per_1m: 0.6}
   premium/sim-xl: {input_per_1m: 15.0, output_per_1m: 75.0}
   cut/sim-large: {input_per_1m: 1.0, output_per_1m: 4.0}
+ledger: {path: "{LEDGER}", flush_interval_s: 0.2}
 """
 
 
@@ -133,8 +134,9 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Traffic]:
         up.set_default("flaky", Reply(status=503, error="SIMULATED outage"))
         up.set_default("fast", Reply(usage=(12, 30)))
         up.set_default("cut", Reply(text="one two three four five six seven", cut_after=2))
-        good = CONFIG.replace("{UP}", up.url)
-        path = tmp_path_factory.mktemp("obs") / "router.yaml"
+        work = tmp_path_factory.mktemp("obs")
+        good = CONFIG.replace("{UP}", up.url).replace("{LEDGER}", str(work / "ledger.sqlite3"))
+        path = work / "router.yaml"
         path.write_text(good)
         registry = CollectorRegistry()
         r = Router.from_yaml(path, registry=registry)

@@ -304,6 +304,30 @@ def test_invalid_file_is_rejected_and_the_last_good_config_keeps_serving(
     assert last_reload(registry) >= stamp  # type: ignore[operator]
 
 
+def test_a_reload_is_counted_only_once_its_sha_is_in_force(
+    make: Callable[..., Router], path: Path, up: Upstream, registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scrape taken between a reload's metric writes never sees the reload counted while the old sha is still
+    in force: the count goes up last (under gunicorn, a scrape reads each worker's files at any moment)."""
+    old = write(path, render(up, A))
+    r = make()
+    new = write(path, render(up, B))
+    seen: list[tuple[float | None, float | None]] = []
+    success = r.metrics.config_reloads.labels("success")
+    count = success.inc
+
+    def scrape_then_count(amount: float = 1) -> None:
+        seen.append((info(registry, old), info(registry, new)))
+        count(amount)
+
+    monkeypatch.setattr(success, "inc", scrape_then_count)
+
+    assert r.reload() is True
+
+    assert seen == [(None, 1.0)]  # what a scrape at the moment of counting sees: only the new sha
+    assert reloads(registry, "success") == 1
+
+
 def test_reload_needs_a_file(
     make: Callable[..., Router], path: Path, up: Upstream, registry: CollectorRegistry
 ) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import gc
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 from unittest.mock import ANY
 
@@ -397,9 +398,17 @@ def test_abandoned_stream_is_counted_as_cancelled(
         assert list(stream) == []  # a closed stream yields nothing more
     else:
         del stream
-        gc.collect()
+        gc.collect()  # the closer thread then counts it
+        settled(lambda: sample(registry, "llm_router_in_flight", alias="single") == 0)
 
     check_cancelled(registry)
+
+
+def settled(cond: Callable[[], bool], timeout_s: float = 3.0) -> None:
+    """Wait for a dropped stream's accounting, which the closer thread does (never the collecting thread)."""
+    end = time.monotonic() + timeout_s
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def test_leaving_a_with_block_early_cancels(r: Router, up: Upstream, registry: CollectorRegistry) -> None:
@@ -429,5 +438,6 @@ async def test_async_abandoned_stream_is_counted_as_cancelled(
     else:
         del stream
         gc.collect()
+        settled(lambda: sample(registry, "llm_router_in_flight", alias="single") == 0)
 
     check_cancelled(registry)

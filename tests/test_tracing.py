@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client import CollectorRegistry
 
-from router import AllTargetsFailedError, ConfigError, Result, RouterError, Usage, parse_config
+from router import AllTargetsFailedError, ConfigError, Result, Router, RouterError, Usage, parse_config
 from router.config import Target
 from router.hooks import Call, Hook
 from router.plugins.tracing import TracingHook
@@ -206,7 +208,10 @@ def test_a_dropped_stream_ends_its_spans_when_collected(
     stream = r.generate("hi", model="single", stream=True)
     next(iter(stream))
     del stream
-    gc.collect()
+    gc.collect()  # the closer thread ends the spans, never the collecting thread
+    end = time.monotonic() + 3
+    while not attempt_spans(spans) and time.monotonic() < end:
+        time.sleep(0.01)
     check_cancelled(spans)
 
 
@@ -270,6 +275,39 @@ def test_a_failed_call_carries_its_error_and_no_secret(
     assert all(s.status.description for s in tries)
     assert KEY_A not in everything(spans)
     assert "sk-test" not in everything(spans)
+
+
+SECRET_CONFIG = """
+version: 1
+defaults: {model: chat, timeout_s: 5, deadline_s: 20, retry: {attempts: 1}}
+providers:
+  a: {kind: openai, api_base: "{UP}/a/v1", api_key: "${KEY_A}", headers: {Helicone-Auth: "Bearer ${HELI}"}}
+  p: {kind: openai, api_base: "http://user:${PW}@{HOSTPORT}/p/v1", api_key: "${KEY_A}"}
+aliases:
+  chat: {targets: [a/model-a, p/model-p]}
+tracing: {capture_content: true}
+"""
+
+
+def test_a_header_value_or_password_echoed_by_a_provider_is_in_no_span(
+    make_router: MakeRouter, up: Upstream, spans: InMemorySpanExporter
+) -> None:
+    heli, pw = "heli-secret-0123456789", "pw-secret-987654"
+    text = SECRET_CONFIG.replace("{HOSTPORT}", up.url.removeprefix("http://"))
+    r = make_router(text, env={"KEY_A": KEY_A, "HELI": heli, "PW": pw})
+    echo = f"you sent Helicone-Auth: Bearer {heli} to user:{pw}"
+    up.enqueue("a", Reply(status=401, error=echo))
+    up.enqueue("p", Reply(status=400, error=echo))
+
+    with pytest.raises(RouterError):
+        r.generate("hi")
+
+    tries = attempt_spans(spans)
+    assert [attrs(s)["error.type"] for s in tries] == ["auth", "bad_request"]
+    assert attrs(tries[1])["server.address"] == "127.0.0.1"  # the host alone, never the userinfo
+    assert all("***" in (s.status.description or "") for s in tries)  # the echo was there, redacted
+    text_of_spans = everything(spans)
+    assert heli not in text_of_spans and pw not in text_of_spans and KEY_A not in text_of_spans
 
 
 def test_content_is_recorded_only_when_the_config_opts_in(
@@ -450,3 +488,38 @@ def test_a_hedged_race_has_a_span_per_request(
     assert "llm_router.fallback_reason" not in hedge
     call = attrs(call_span(spans))
     assert (call["llm_router.outcome"], call["llm_router.attempts"]) == ("success", 2)
+
+
+def test_a_reload_turns_tracing_on_off_and_its_content_capture_for_the_next_call(
+    up: Upstream, spans: InMemorySpanExporter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEY_A", KEY_A)
+    path = tmp_path / "router.yaml"
+
+    def write(extra: str) -> None:
+        text = standard_config(extra=extra).replace("{UP}", up.url)
+        text = text.replace("${KEY_B}", "${KEY_A}").replace("${KEY_C}", "${KEY_A}")
+        path.write_text(text)
+
+    write("")
+    r = Router.from_yaml(path, registry=CollectorRegistry())
+    up.route("a").set_default(Reply(text="the answer"))
+    try:
+        r.generate("the prompt", model="single")
+        assert not spans.get_finished_spans()
+        write(TRACED)
+        assert r.reload()
+        r.generate("the prompt", model="single")
+        assert "the prompt" not in everything(spans) and len(attempt_spans(spans)) == 1
+        spans.clear()
+        write("tracing: {capture_content: true}")
+        assert r.reload()
+        r.generate("the prompt", model="single")
+        assert "the prompt" in attrs(call_span(spans))["gen_ai.input.messages"]
+        spans.clear()
+        write("tracing: {enabled: false}")
+        assert r.reload()
+        r.generate("the prompt", model="single")
+        assert not spans.get_finished_spans()
+    finally:
+        r.close()

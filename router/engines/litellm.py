@@ -89,6 +89,10 @@ def request_kwargs(send: Send) -> dict[str, Any]:
         kw["extra_headers"] = dict(target.headers)
     if send.api_key is not None:
         kw["api_key"] = send.api_key
+    if send.body.get("tools"):
+        # litellm 1.106 sends any tools= through its MCP-gateway check first, which imports the optional `mcp`
+        # package (only in litellm[proxy]) and so fails every call with tools; ours are plain functions.
+        kw["_skip_mcp_handler"] = True
     return kw
 
 

@@ -22,7 +22,13 @@ recorded in full (it was billed), and the next calls are refused.
 
 A hold lives `HOLD_TTL_S`: a process that dies mid-call frees its holds after that. Settles are written by
 a background thread (and by the next reservation of the same process, in its transaction), so a call's end
-never waits on the database.
+never waits on the database. A call that ends while one of its reservations is still being made (an
+`agenerate()` cancelled while the reservation runs in its thread) gives that hold back as soon as it is made.
+
+A reservation waits for the database (a lock held by another writer, a pool with no free connection) no
+longer than what is left of the call's deadline (`Call.deadline_at`). If the deadline runs out first, the
+call raises `DeadlineExceededError`, whatever `if_unavailable` says: no time is left to send the request.
+A database that fails sooner (unreachable, or SQLite's own 30 s wait) is `if_unavailable`'s case.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BudgetExceededError
+from ..errors import BudgetExceededError, DeadlineExceededError
 from ..hooks import AttemptReport, Call, Hook, Reroute
 from .store import NUSD, Cursor, Store, db_errors, to_nusd
 
@@ -49,6 +55,8 @@ log = logging.getLogger("router")
 
 DEFAULT_MAX_OUTPUT_TOKENS = 4096
 HOLD_TTL_S = 900.0
+# A wait for the database that fails with less than this left of the call's deadline ran out of the deadline.
+DEADLINE_SLACK_S = 0.05
 
 
 # -- pure decisions -----------------------------------------------------------------------------------------
@@ -164,12 +172,20 @@ class BudgetStore:
         self._thread = threading.Thread(target=self._run, name="llm-router-budgets", daemon=True)
         self._thread.start()
 
-    def reserve(self, hold_id: str, holds: Sequence[Hold], limits: Mapping[str, int], now: float) -> Refusal | None:
-        """Reserve every hold, or none: the first that does not fit under its budget's limit is returned."""
+    def reserve(
+        self,
+        hold_id: str,
+        holds: Sequence[Hold],
+        limits: Mapping[str, int],
+        now: float,
+        timeout: float | None = None,
+    ) -> Refusal | None:
+        """Reserve every hold, or none: the first that does not fit under its budget's limit is returned.
+        `timeout`: the most to wait for the database (default: the store's own limit)."""
         with self._lock:
             pending, self._pending = self._pending, []
         try:
-            with self.store.transaction(lock=True) as cur:
+            with self.store.transaction(lock=True, timeout=timeout) as cur:
                 spent = self._apply(cur, pending)
                 refusal = None
                 made: list[str] = []
@@ -313,6 +329,10 @@ class Budgets(Hook):
         self.store.on_spent = self._spent
         self._counter = 0
         self._counter_lock = threading.Lock()
+        # Guards each call's holds and its "finished" mark: a reservation made in a thread (agenerate) may
+        # complete after the call was cancelled and finished.
+        self._holds_lock = threading.Lock()
+        self._late = False  # the database is answering later than calls' deadlines (logged once)
 
     def before_attempt(self, call: Call, target: Target, request: Mapping[str, Any]) -> None:
         if not call.hedge:  # no request of the call is in flight: a hold left was for one a later hook stopped
@@ -339,37 +359,68 @@ class Budgets(Hook):
         with self._counter_lock:
             self._counter += 1
             hold_id = f"{call.id}.{self._counter}"
+        left = None if call.deadline_at is None else call.deadline_at - time.monotonic()
         try:
-            refusal = self.store.reserve(hold_id, holds, self.limits, now)
+            if left is not None and left <= 0:
+                raise TimeoutError("the call's deadline has passed")
+            refusal = self.store.reserve(hold_id, holds, self.limits, now, timeout=left)
         except db_errors() as exc:
+            if call.deadline_at is not None and call.deadline_at - time.monotonic() < DEADLINE_SLACK_S:
+                self._out_of_time(call, in_scope[0][0], exc)
             strict = [b for b, _ in in_scope if b.if_unavailable == "refuse"]
             if strict:
                 log.error("budgets: the database is unreachable (%s); refusing the call", type(exc).__name__)
                 self._refuse(call, strict[0], None, 0, 0.0, now, target, "unavailable")
             log.warning("budgets: the database is unreachable (%s); the call goes on unchecked", type(exc).__name__)
             return
+        if self._late:
+            self._late = False
+            log.warning("budgets: the database answers within calls' deadlines again")
         if refusal is not None:
             b = self.by_name[refusal.hold.budget]
             used = refusal.spent_nusd + refusal.held_nusd
             self._refuse(call, b, refusal.hold.scope, used, refusal.hold.amount_nusd / NUSD, now, target, "limit")
-        # Keyed by the request's target and key: a hedged race has several requests in flight at once.
-        held: dict[tuple[str, str | None], list[tuple[str, tuple[Hold, ...]]]] = call.data.setdefault("budgets", {})
-        held.setdefault((target.key, call.key_name), []).append((hold_id, tuple(holds)))
+        with self._holds_lock:
+            if call.data.get("budgets.finished"):  # cancelled while this reservation was being made: give it back
+                self.store.settle(hold_id, holds, 0)
+                return
+            # Keyed by the request's target and key: a hedged race has several requests in flight at once.
+            held: dict[tuple[str, str | None], list[tuple[str, tuple[Hold, ...]]]] = call.data.setdefault("budgets", {})
+            held.setdefault((target.key, call.key_name), []).append((hold_id, tuple(holds)))
 
     def attempt_finished(self, call: Call, report: AttemptReport) -> None:
-        held = call.data.get("budgets", {}).get((report.target.key, report.key_name))
-        if held:
+        with self._holds_lock:
+            held = call.data.get("budgets", {}).get((report.target.key, report.key_name))
+            if not held:
+                return
             hold_id, holds = held.pop(0)  # requests to one target and key hold the same amounts: any one fits
-            cost = to_nusd(report.cost_usd or 0.0) if report.usage is not None else 0
-            self.store.settle(hold_id, holds, cost)
+        cost = to_nusd(report.cost_usd or 0.0) if report.usage is not None else 0
+        self.store.settle(hold_id, holds, cost)
 
     def call_finished(self, call: Call, result: Result | None, error: BaseException | None) -> None:
-        self._release(call)  # a later hook refused the request a hold was for
+        with self._holds_lock:
+            call.data["budgets.finished"] = True  # a reservation still under way gives its hold back at once
+        self._release(call)  # a later hook refused the request a hold was for, or the call was cancelled
 
     def _release(self, call: Call) -> None:
-        for held in call.data.pop("budgets", {}).values():
-            for hold_id, holds in held:
+        with self._holds_lock:
+            held = call.data.pop("budgets", {})
+        for holds_of in held.values():
+            for hold_id, holds in holds_of:
                 self.store.settle(hold_id, holds, 0)
+
+    def _out_of_time(self, call: Call, b: BudgetConfig, exc: BaseException) -> None:
+        """The database did not answer within what was left of the call's deadline: the call ends now."""
+        if not self._late:
+            self._late = True
+            log.warning(
+                "budgets: the database did not answer within what was left of a call's deadline (%s; locked by "
+                "another writer, or overloaded?): such calls raise DeadlineExceededError",
+                type(exc).__name__,
+            )
+        self.metrics.budget_rejected(b.name, "deadline")
+        deadline_s = (call.deadline_at or time.monotonic()) - time.monotonic() + time.time() - call.started_at
+        raise DeadlineExceededError(call.alias, (), round(deadline_s, 2)) from exc
 
     def close(self) -> None:
         self.store.close()

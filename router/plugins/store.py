@@ -11,9 +11,12 @@ Money is stored as integer nano-USD (1e-9 USD), so sums are exact and a budget's
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import sqlite3
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -94,8 +97,11 @@ class Store:
 
     dialect = "sqlite"
 
-    def transaction(self, lock: bool = False) -> contextlib.AbstractContextManager[Cursor]:
-        """A transaction, committed when the block ends (rolled back on error); `lock`: serialise writers now."""
+    def transaction(
+        self, lock: bool = False, timeout: float | None = None
+    ) -> contextlib.AbstractContextManager[Cursor]:
+        """A transaction, committed when the block ends (rolled back on error); `lock`: serialise writers now;
+        `timeout`: the most it may wait for the connection and the database's locks (default: the store's)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -149,19 +155,37 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+# SQLITE_READONLY, SQLITE_IOERR, SQLITE_CANTOPEN: the connection, not the data, is at fault. A file opened
+# while it was read-only stays read-only in that connection after a chmod; a new connection sees it writable.
+_REOPEN_ON = (8, 10, 14)
+
+
 class SqliteStore(Store):
-    """A SQLite file in WAL mode; writers across threads and processes are serialised by SQLite's own lock."""
+    """A SQLite file in WAL mode; writers across threads and processes are serialised by SQLite's own lock.
+
+    The file is checked before every transaction: if it was deleted or replaced (its directory removed by a
+    cleanup job), the connection, which would go on writing into the unlinked file, is reopened on the path,
+    and a directory that existed once is made again. A connection that failed for its own state (opened
+    while the file was read-only, an I/O error) is reopened by the next transaction.
+    """
 
     dialect = "sqlite"
 
     def __init__(self, path: str | os.PathLike[str], timeout_s: float = 30.0) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))  # a later chdir() must not move the database
         self._timeout = timeout_s
+        self._busy_ms = round(timeout_s * 1000)
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (st_dev, st_ino) of the file the connection has open
         self._lock = threading.Lock()
 
     def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and _file_id(self.path) != self._file:
+            log.warning("%s: the SQLite file was deleted or replaced; reopening it", self.path)
+            self._drop()
         if self._conn is None:
+            if self._file is not None:  # it existed before: its directory was removed under us, make it again
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -170,13 +194,21 @@ class SqliteStore(Store):
             except sqlite3.Error:
                 conn.close()
                 raise
-            self._conn = conn
+            self._conn, self._file, self._busy_ms = conn, _file_id(self.path), round(self._timeout * 1000)
         return self._conn
 
     @contextlib.contextmanager
-    def transaction(self, lock: bool = False) -> Iterator[Cursor]:
-        with self._lock:
+    def transaction(self, lock: bool = False, timeout: float | None = None) -> Iterator[Cursor]:
+        wait = self._timeout if timeout is None else max(0.0, min(timeout, self._timeout))
+        # The connection is shared: another thread's transaction (a settle waiting on a locked file) counts too.
+        if not self._lock.acquire(timeout=wait):
+            raise TimeoutError(f"{self.path} was busy in this process for {wait:.2f}s")
+        try:
             conn = self._connect()
+            busy_ms = round(wait * 1000)
+            if busy_ms != self._busy_ms:  # SQLite waits this long for another connection's lock
+                conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+                self._busy_ms = busy_ms
             try:
                 conn.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
             except sqlite3.Error:
@@ -185,12 +217,16 @@ class SqliteStore(Store):
             try:
                 yield Cursor(conn.cursor(), pg=False)
                 conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     self._drop()
+                if isinstance(exc, sqlite3.Error) and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in _REOPEN_ON:
+                    self._drop()
                 raise
+        finally:
+            self._lock.release()
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -243,21 +279,35 @@ class PostgresStore(Store):
         self._pool.open(wait=False)
 
     @contextlib.contextmanager
-    def transaction(self, lock: bool = False) -> Iterator[Cursor]:
-        self._ensure_schema()
-        with self._pool.connection(timeout=self._timeout) as conn, conn.cursor() as cur:
-            # psycopg's connection block commits at its end and rolls back on an exception.
-            if lock:  # one budget transaction at a time across every replica: no deadlock, no lost update
-                cur.execute("SELECT pg_advisory_xact_lock(7220104)")
-            yield Cursor(cur, pg=True)
+    def transaction(self, lock: bool = False, timeout: float | None = None) -> Iterator[Cursor]:
+        wait = self._timeout if timeout is None else max(0.001, min(timeout, self._timeout))
+        try:
+            self._ensure_schema(wait)
+            with self._pool.connection(timeout=wait) as conn, conn.cursor() as cur:
+                # psycopg's connection block commits at its end and rolls back on an exception.
+                if timeout is not None:  # bound every wait in the transaction: a lock held elsewhere, a slow disk
+                    ms = str(max(1, round(wait * 1000)))
+                    cur.execute(
+                        "SELECT set_config('lock_timeout', %s, true), set_config('statement_timeout', %s, true)",
+                        (ms, ms),
+                    )
+                if lock:  # one budget transaction at a time across every replica: no deadlock, no lost update
+                    cur.execute("SELECT pg_advisory_xact_lock(7220104)")
+                yield Cursor(cur, pg=True)
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) == "25006":
+                # Read-only (a standby after a failover, or default_transaction_read_only): each pooled
+                # connection keeps the setting it started with. New ones see the database once it is writable.
+                self._pool.drain()
+            raise
 
-    def _ensure_schema(self) -> None:
+    def _ensure_schema(self, wait: float) -> None:
         if self._schema_ready:
             return
         with self._schema_lock:
             if self._schema_ready:
                 return
-            with self._pool.connection(timeout=self._timeout) as conn:
+            with self._pool.connection(timeout=wait) as conn:
                 # Workers starting together would race on CREATE TABLE IF NOT EXISTS: serialise them.
                 conn.execute("SELECT pg_advisory_xact_lock(7220103)")
                 for stmt in filter(str.strip, _SCHEMA.format(json="JSONB").split(";")):
@@ -285,17 +335,78 @@ def open_store(cfg: LedgerConfig) -> Store:
     return SqliteStore(cfg.sqlite_path)
 
 
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of a file, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def ledger_identity(cfg: LedgerConfig) -> str:
+    """Which database a `ledger:` section writes to, as text with no secret: `sqlite:/abs/path` or
+    `postgresql://host:port/dbname` (the DSN's user and password left out: they do not change the database)."""
+    if cfg.dsn is None:
+        return "sqlite:" + os.path.realpath(cfg.sqlite_path)
+    dsn = cfg.dsn.get_secret_value()
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        parts = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    except Exception:  # no psycopg, or a DSN libpq cannot parse (the store will say so): hash it whole
+        return "postgresql:dsn-" + hashlib.sha256(dsn.encode()).hexdigest()[:16]
+    env = os.environ
+    host = parts.get("host") or parts.get("hostaddr") or env.get("PGHOST") or ""
+    port = parts.get("port") or env.get("PGPORT") or "5432"
+    user = parts.get("user") or env.get("PGUSER") or ""
+    dbname = parts.get("dbname") or env.get("PGDATABASE") or user
+    return f"postgresql://{host}:{port}/{dbname}"
+
+
+def state_dir() -> Path:
+    """Where this user's llm-router keeps local state: $XDG_STATE_HOME/llm-router, else
+    ~/.local/state/llm-router (never the working directory, which may be shared or read-only)."""
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "llm-router"
+    try:
+        return Path.home() / ".local" / "state" / "llm-router"
+    except (RuntimeError, KeyError):  # no home directory (a bare container user)
+        return Path(tempfile.gettempdir()) / f"llm-router-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
 DB_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
 
 
 def db_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean "the database is unreachable or refused", for both dialects."""
     errors = DB_ERRORS
-    import sys
-
     if "psycopg" in sys.modules:
         import psycopg
         from psycopg_pool import PoolTimeout
 
         errors = (*errors, psycopg.Error, PoolTimeout)
     return errors
+
+
+# SQLSTATE classes of a refusal caused by the data itself: 22 data exception (a NUL in JSON text, a value out of
+# range), 23 integrity constraint (a NULL in a NOT NULL column), 54 program limit (a value too large to index).
+_CONTENT_SQLSTATE = ("22", "23", "54")
+
+
+def is_content_error(exc: BaseException) -> bool:
+    """Whether the database refused a write for what the rows hold (so another row would go in), rather than
+    for its own state (down, locked, read-only, full), which every row would meet alike."""
+    if isinstance(exc, (ValueError, TypeError, OverflowError)):  # a value the driver cannot encode or bind
+        return True
+    if isinstance(exc, (sqlite3.IntegrityError, sqlite3.DataError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        return True
+    if "psycopg" in sys.modules:
+        import psycopg
+
+        if isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):  # also raised before sending: a NUL in text
+            return True
+        state = getattr(exc, "sqlstate", None)
+        return isinstance(exc, psycopg.Error) and isinstance(state, str) and state[:2] in _CONTENT_SQLSTATE
+    return False

@@ -1,9 +1,9 @@
 """OpenTelemetry traces: a span per call and a child span per attempt, by the GenAI semantic conventions.
 
-`config_hooks` builds a `TracingHook` when the config has a `tracing:` section; this module is imported only
-then, and needs the `otel` extra (``pip install 'llm-router[otel]'``). Spans go to the global tracer provider
-(or the one given), so the application decides where they are exported; with none configured they cost next
-to nothing. A call's trace::
+The plugin table (`router.plugins`) builds a `TracingHook` when the config has a `tracing:` section; this module
+is imported only then, and needs the `otel` extra (``pip install 'llm-router[otel]'``). Spans go to the global
+tracer provider (or the one given), so the application decides where they are exported; with none configured they
+cost next to nothing. A call's trace::
 
     chat {alias}        INTERNAL  the generate() call: gen_ai.request.model is the alias; at its end the model
     │                             that answered, usage, llm_router.outcome, .cost_usd, .cost_source, .fallbacks
@@ -207,8 +207,9 @@ class TracingHook(Hook):
             "llm_router.call_id": call.id,
             "llm_router.stream": call.stream,
         }
-        if self.capture_content:
-            attrs["gen_ai.input.messages"] = _input_messages(call.messages)
+        if self.capture_content:  # what was sent (hooks may have rewritten it), as the first target gets it
+            sent = call.requests[0][1].get("messages") if call.requests else None
+            attrs["gen_ai.input.messages"] = _input_messages(list(sent) if sent is not None else call.messages)
         return self.tracer.start_span(
             f"{OPERATION} {call.alias}", kind=SpanKind.INTERNAL, attributes=attrs, start_time=start_time
         )
