@@ -274,8 +274,9 @@ BODIES: dict[str, Callable[[int], Reply]] = {
     "html": lambda s: Reply(status=s, raw="<html><body>Bad gateway</body></html>", content_type="text/html"),
 }
 STATUSES = (400, 401, 402, 403, 404, 408, 409, 413, 422, 429, 500, 503, 504)
-# LM Studio is read as OpenAI is (LiteLLM's OpenAI client): a few statuses show it, the rest would repeat "oa".
-KIND_STATUSES = {"oa": STATUSES, "orr": STATUSES, "vl": STATUSES, "lm": (400, 402, 429, 500)}
+# OpenAI's and OpenRouter's readings are the two LiteLLM has; vLLM's is OpenAI's on the bare body, LM Studio's
+# OpenAI's: a few statuses show each, the rest would repeat "oa".
+KIND_STATUSES = {"oa": STATUSES, "orr": STATUSES, "vl": (400, 402, 404, 429, 500, 504), "lm": (400, 402, 429, 500)}
 
 
 def _chunk(content: str | None = None, finish: str | None = None, **delta: Any) -> dict[str, Any]:
