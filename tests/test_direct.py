@@ -598,6 +598,7 @@ def test_a_sync_stream_closed_or_dropped_frees_its_thread_and_socket_within_a_se
     took = time.monotonic() - t0
 
     left = (len(_readers()), _established(port))
+    assert all(n == 0 for sh in direct_engine.ENGINE.pools._sync.values() for n in sh.load)  # clients given back
     assert left[0] == 0 and left[1] <= idle and took < 1.0, f"{took:.2f}s; threads, connections: {left}; idle {idle}"
     up.set_default("a", None)
     assert r.generate("again", model="chat").text == "[simulated] again"  # the pool is fine
@@ -635,6 +636,11 @@ def test_fifty_concurrent_calls_share_one_async_pool(make_router: MakeRouter, up
 
     assert asyncio.run(calls()) == [f"echo p{i}" for i in range(50)]
     assert len(up.requests("a")) == 50
+    # httpcore's pool costs the square of its connections per request: no client holds more than SHARD of them
+    (shards,) = [sh for loop in direct_engine.ENGINE.pools._async.values() for k, sh in loop.items() if k[0] == "a"]
+    pools = [client._transport._pool for client in shards.clients]
+    assert len(pools) >= 50 // direct_engine.SHARD and all(len(p.connections) <= direct_engine.SHARD for p in pools)
+    assert shards.load == [0] * len(pools)  # every request gave its client back
 
 
 def test_each_key_of_a_pool_has_its_own_client(make_router: MakeRouter, up: Upstream) -> None:
