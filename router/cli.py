@@ -30,7 +30,9 @@ def _err(msg: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Check each file; one problem per line on stderr."""
+    """Check each file; one problem per line on stderr, then the aliases no target of which could answer."""
+    from .planner import disabled_providers  # no litellm import: that waits for the first request
+
     failed = False
     for path in args.files:
         try:
@@ -44,7 +46,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.aliases)} aliases, {n_targets} targets)")
         for note in _credential_notes(cfg) + _tracing_notes(cfg):
             _err(f"{path}: note: {note}")
+        dead = cannot_answer(cfg, disabled_providers(cfg, os.environ))
+        for alias, reasons in dead.items():
+            _err(f"{path}: warning: alias {alias!r} cannot answer: every target is skipped: {_listed(reasons)}")
+        if dead:
+            verdict = " (--strict)" if args.strict else "; validate --strict exits 1 on this"
+            _err(f"{path}: warning: {len(dead)} of {len(cfg.aliases)} aliases would fail every call{verdict}")
+            failed = failed or args.strict
     return 1 if failed else 0
+
+
+def cannot_answer(cfg: RouterConfig, disabled: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+    """The aliases every target of which a call would skip, each with why: "<target> (<reason>)" per target.
+
+    Keys may arrive at deploy time, so this is a warning, not a ConfigError; circuits are not considered."""
+    from .explain import skip_reason
+
+    out: dict[str, list[str]] = {}
+    for alias in cfg.aliases:
+        reasons = []
+        for t in cfg.targets(alias):
+            reason = skip_reason(t, disabled, peek=lambda t: ("closed", 0.0), now=0.0)
+            if reason is None or not reason.startswith("SKIPPED: "):
+                break
+            reasons.append(f"{t.key} ({reason.removeprefix('SKIPPED: ')})")
+        else:
+            out[alias] = reasons
+    return out
+
+
+def _listed(items: list[str], most: int = 5) -> str:
+    more = f", and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def _tracing_notes(cfg: RouterConfig) -> list[str]:
@@ -197,6 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check config files; one problem per line, exit 1 if any")
     v.add_argument("files", nargs="+", metavar="FILE")
+    v.add_argument(
+        "--strict",
+        action="store_true",
+        help="also exit 1 when an alias cannot answer (every target disabled or without its key), for CI",
+    )
     v.set_defaults(func=cmd_validate)
 
     e = sub.add_parser("explain", help="show each alias's targets in order, credentials and prices")

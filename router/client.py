@@ -32,7 +32,7 @@ from .loop import CallLoop, Context
 from .metrics import RouterMetrics
 from .planner import CallArgs, Plan, Snapshot, disabled_providers, make_plan
 from .plugins import Pool, wire
-from .secrets import config_secrets, guard_logs
+from .secrets import guard_logs
 from .state import shared_state
 
 __all__ = ["AsyncStream", "Router", "Stream"]
@@ -258,7 +258,7 @@ class Router:
                 self._pool.release(key)
 
         all_hooks = Hooks([*hooks, *self._user_hooks])
-        secrets = guard_logs(config_secrets(config))  # scrubbed from every error text and every log line
+        secrets = guard_logs(config.secrets())  # scrubbed from every error text and every log line
         return Snapshot(config, disabled_providers(config, os.environ), secrets, all_hooks, release)
 
     def _plan(self, args: CallArgs) -> Plan:

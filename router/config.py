@@ -7,13 +7,17 @@ pricing → targets, the default alias) are checked here, at load time.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import gc
 import hashlib
+import itertools
 import math
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,6 +37,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -40,7 +45,7 @@ from pydantic import (
 from . import outcomes
 from .engines import direct_problem
 from .errors import ConfigError, ConfigProblem
-from .secrets import MASK, redact_url
+from .secrets import CREDENTIAL_NAME, MASK, redact_url, url_secrets, worth_scrubbing
 
 DEFAULT_FALLBACK_ON = list(outcomes.DEFAULT_FALLBACK_ON)
 # Latency of LLM calls runs from tens of milliseconds (a cached or tiny answer) to minutes (long generations).
@@ -49,6 +54,80 @@ DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# -- quoting config values in errors: short, never a secret ------------------------------------------------
+
+# What a pasted API key looks like: a vendor's prefix and a long token (sk-proj-..., sk-ant-..., sk-or-v1-...,
+# AIza..., gsk_..., xai-..., hf_..., ghp_...), or a long unbroken run of letters and digits. Model and provider
+# names are short words between separators; keys are not. Runs are classified by `_keyish`.
+_KEY_RUN = re.compile(
+    r"(?<![A-Za-z0-9])(?:(?:sk|rk|gsk|xai|hf|ghp|gho|ghs|ghu|github_pat|glpat|pplx|nvapi|r8|fw|csk|sess)[-_]"
+    r"|AIza|AKIA|ASIA|eyJ)[A-Za-z0-9_.\-]{16,}"
+    r"|[A-Za-z0-9]{20,}"
+)
+_HIDDEN = "<not shown: looks like an API key>"
+_ECHO_CHARS = 60  # the most of one config value an error quotes
+
+
+def _keyish(run: str, strict: bool) -> bool:
+    """Whether one `_KEY_RUN` match is a key: a prefixed token with a digit, or a run of letters and digits
+    (strict: 32+ characters of upper and lower case and digits, which no model name is; else 20+ with both)."""
+    digits = any(c.isdigit() for c in run)
+    if not run.isalnum():  # the prefixed form
+        return digits
+    if strict:
+        return len(run) >= 32 and digits and any(c.isupper() for c in run) and any(c.islower() for c in run)
+    return digits and any(c.isalpha() for c in run)
+
+
+def looks_like_key(text: str) -> bool:
+    """True when `text` holds something shaped like an API key (a value no provider or model name has)."""
+    if len(text) < 19:  # the shortest: a prefix, a dash and 16 characters
+        return False
+    return any(_keyish(m.group(), strict=True) for m in _KEY_RUN.finditer(text))
+
+
+def redact_keys(text: str) -> str:
+    """`text` with every key-shaped stretch replaced by a placeholder (for messages: errs on hiding)."""
+    return _KEY_RUN.sub(lambda m: _HIDDEN if _keyish(m.group(), strict=False) else m.group(), text)
+
+
+class _Echo:
+    """Quotes a config value in an error: at most _ECHO_CHARS of it, key-shaped stretches hidden, and a value
+    that came from `${VAR}` shown as it is written in the file, never as the environment's value."""
+
+    def __init__(self, written: Mapping[str, str] | None = None, env_values: Mapping[str, str] | None = None):
+        self.written = written or {}  # expanded text -> the text in the file
+        self.env_values = env_values or {}  # an env var's value -> "${NAME}"
+        # values long enough that finding one inside a longer text is no coincidence
+        self._long = sorted(((v, r) for v, r in self.env_values.items() if len(v) >= 6), key=lambda vr: -len(vr[0]))
+
+    def hides(self, text: str) -> bool:
+        """Whether `text` came from the environment (in whole or in part)."""
+        return text in self.written or text in self.env_values or any(v in text for v, _ in self._long)
+
+    def __call__(self, value: object, limit: int = _ECHO_CHARS) -> str:
+        text = str(value)
+        shown = self.written.get(text) or self.env_values.get(text)
+        if shown is None:
+            shown = text[: 2 * limit]  # enough to find a secret that straddles the cut
+            for v, ref in self._long:
+                shown = shown.replace(v, ref)
+        shown = redact_keys(shown)
+        if len(shown) > limit:
+            shown = shown[: limit - 1] + "…"
+        return repr(shown)
+
+
+_PLAIN_ECHO = _Echo()
+
+
+def _echo(info: ValidationInfo | None) -> _Echo:
+    """The echo of the file being validated (it knows which values came from env vars)."""
+    context = info.context if info is not None else None
+    echo = context.get("echo") if isinstance(context, dict) else None
+    return echo if isinstance(echo, _Echo) else _PLAIN_ECHO
 
 
 class RetryConfig(_Model):
@@ -85,11 +164,12 @@ class CircuitOverride(_Model):
     cooldown_s: PositiveFloat | None = None
 
 
-def _known_outcome(name: str) -> str:
+def _known_outcome(name: str, info: ValidationInfo) -> str:
     if name not in outcomes.OUTCOMES:
-        close = difflib.get_close_matches(name, outcomes.FAILURE_OUTCOMES, n=1)
+        close = difflib.get_close_matches(name, outcomes.FAILURE_OUTCOMES, n=1) if len(name) <= 64 else []
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"{name!r} is not a failure outcome{hint} (outcomes: {', '.join(outcomes.FAILURE_OUTCOMES)})")
+        shown = _echo(info)(name)
+        raise ValueError(f"{shown} is not a failure outcome{hint} (outcomes: {', '.join(outcomes.FAILURE_OUTCOMES)})")
     return name
 
 
@@ -128,6 +208,49 @@ class KeyConfig(_Model):
     key: SecretStr
 
 
+# LiteLLM's provider prefixes (litellm.provider_list of 1.106), read without importing LiteLLM. A kind not here
+# is allowed (LiteLLM adds providers); one a single typo away from one here is refused with a suggestion.
+LITELLM_PROVIDERS = frozenset(
+    """a2a a2a_agent ai21 ai21_chat aiml aiohttp_openai amazon_nova anthropic anthropic_text apertis assemblyai
+    auto_router aws_polly aws_textract azure azure_ai azure_speech azure_text baseten bedrock bedrock_mantle
+    black_forest_labs bytez cerebras charity_engine chatgpt chutes clarifai cloudflare codestral cognition cohere
+    cohere_chat cometapi compactifai cortecs cursor custom custom_openai darkbloom dashscope databricks datarobot
+    deepgram deepinfra deepseek docker_model_runner dotprompt edenai elevenlabs empower fal_ai featherless_ai
+    fireworks_ai friendliai galadriel gdc gemini gigachat github github_copilot gradient_ai groq helicone heroku
+    hosted_vllm huggingface humanloop hyperbolic inception infinity jina_ai lambda_ai langflow langfuse langgraph
+    lemonade libertai litellm_agent litellm_proxy llamafile lm_studio manus maritalk meta meta_llama milvus
+    minimax mistral modelscope mongodb moonshot morph nadir nano-gpt nebius neosantara nlp_cloud novita nscale
+    nvidia_nim nvidia_riva oci ollama ollama_chat oobabooga openai openai_like openrouter ovhcloud parasail
+    perplexity petals pg_vector pinstripes poe predibase prism publicai qwen_ai_platform qwencloud ragflow recraft
+    reducto reka replicate runwayml s3_vectors sagemaker sagemaker_chat sagemaker_nova sail sambanova sap scaleway
+    scx-ai snowflake soniox stability strands_decider synthetic tencent tensormesh text-completion-codestral
+    text-completion-inception text-completion-openai together_ai topaz transcribe triton typesafe v0 valkey
+    vercel_ai_gateway vertex_ai vertex_ai_beta vllm volcengine voyage wandb watsonx watsonx_text xai xiaomi_mimo
+    xinference zai""".split()  # noqa: SIM905 (a list of 166 quoted names reads worse)
+)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """True when `b` is `a` with one letter changed, added, dropped, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        if len(diff) == 2 and diff[1] == diff[0] + 1:  # two neighbours swapped
+            return a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+        return len(diff) == 1
+    short, long_ = sorted((a, b), key=len)
+    i = next((i for i, (x, y) in enumerate(zip(short, long_, strict=False)) if x != y), len(short))
+    return short[i:] == long_[i + 1 :]
+
+
+def _kind_typo(kind: str) -> str | None:
+    """The LiteLLM provider `kind` misspells (one edit away, 4+ letters), or None for a known or novel kind."""
+    if kind in LITELLM_PROVIDERS or len(kind) < 4 or len(kind) > 40:
+        return None
+    return next((p for p in sorted(LITELLM_PROVIDERS) if len(p) >= 4 and _one_edit_apart(kind, p)), None)
+
+
 class ProviderConfig(_Model):
     """One provider account: a litellm provider prefix plus where and how to reach it."""
 
@@ -160,9 +283,12 @@ class ProviderConfig(_Model):
 
     @field_validator("kind")
     @classmethod
-    def _kind_is_a_prefix(cls, v: str) -> str:
+    def _kind_is_a_prefix(cls, v: str, info: ValidationInfo) -> str:
         if not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", v):
             raise ValueError("must be a litellm provider prefix such as openai, anthropic or openrouter")
+        typo = _kind_typo(v)
+        if typo is not None:
+            raise ValueError(f"{_echo(info)(v)} is not a LiteLLM provider (did you mean {typo!r}?)")
         return v
 
     @field_validator("api_base")
@@ -178,10 +304,11 @@ class ProviderConfig(_Model):
         if isinstance(v, list):
             if not v:
                 raise ValueError("a key pool needs at least one key")
-            names = [k.name for k in v if isinstance(k, KeyConfig)]
-            dup = sorted({n for n in names if names.count(n) > 1})
+            counts = Counter(k.name for k in v if isinstance(k, KeyConfig))
+            dup = sorted(n for n, c in counts.items() if c > 1)
             if dup:
-                raise ValueError(f"key names must be unique: {', '.join(dup)}")
+                more = f" and {len(dup) - 5:,} more" if len(dup) > 5 else ""
+                raise ValueError(f"key names must be unique: {', '.join(_PLAIN_ECHO(n)[1:-1] for n in dup[:5])}{more}")
         return v
 
     def header_env_values(self) -> tuple[str, ...]:
@@ -237,25 +364,46 @@ class TargetConfig(_Model):
 
     @model_validator(mode="before")
     @classmethod
-    def _target_shorthand(cls, v: Any) -> Any:
+    def _target_shorthand(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, str):
-            return _split_target(v)
+            return _split_target(v, _echo(info))
         if isinstance(v, dict) and "target" in v:
             v = dict(v)
             target = v.pop("target")
             if not isinstance(target, str):
                 raise ValueError("target must be a '<provider>/<model>' string")
-            v = {**_split_target(target), **v}
+            v = {**_split_target(target, _echo(info)), **v}
         return v
 
+    @model_validator(mode="after")
+    def _no_key_in_names(self) -> TargetConfig:
+        # a name goes into metric labels, logs and `explain`: a key pasted here would be published
+        for name in ("provider", "model"):
+            if looks_like_key(getattr(self, name)):
+                raise ValueError(f"the {name} looks like an API key (not shown): {_PUT_KEYS}")
+        return self
 
-def _split_target(text: str) -> dict[str, str]:
+
+_PUT_KEYS = 'put the key in providers.NAME.api_key, as "${ENV_VAR}"'
+
+
+class _TargetError(ValueError):
+    """A target string that is not '<provider>/<model>' (the loader adds an example with a real provider)."""
+
+    def __init__(self, message: str, text: str) -> None:
+        super().__init__(message)
+        self.text = text
+
+
+def _split_target(text: str, echo: _Echo = _PLAIN_ECHO) -> dict[str, str]:
     provider, sep, model = text.partition("/")
-    if not sep and (len(text) > 24 or text.lower().startswith(("sk-", "sk_"))):
-        # Not echoed: no '/' and as long as a key (or shaped like one) may be a key pasted on the wrong line.
+    if not sep and (redact_keys(text) != text or text.lower().startswith(("sk-", "sk_"))):
+        raise ValueError(f"holds what looks like an API key (not shown): a target is '<provider>/<model>'; {_PUT_KEYS}")
+    if not sep and len(text) > 24 and not any(c in text for c in "-.:"):
+        # Not echoed: one long token without '/' (no model name looks so) may be a key of a shape we do not know.
         raise ValueError(f"a target must be written '<provider>/<model>'; this one has no '/' ({len(text)} characters)")
     if not sep or not provider or not model:
-        raise ValueError(f"target {text!r} must be written '<provider>/<model>'")
+        raise _TargetError(f"target {echo(text)} must be written '<provider>/<model>'", text)
     return {"provider": provider, "model": model}
 
 
@@ -488,27 +636,33 @@ class BudgetConfig(_Model):
 
 def _check_budgets(cfg: RouterConfig, src: _Source) -> None:
     seen: set[str] = set()
+    echo = src.echo
+    named = {k.name for p in cfg.providers.values() for k in p.api_keys() if k.named}
     for i, b in enumerate(cfg.budgets):
         loc: tuple[Any, ...] = ("budgets", i)
         if b.name in seen:
-            src.problem(loc + ("name",), f"budget name {b.name!r} is used twice")
+            src.problem(loc + ("name",), f"budget name {echo(b.name)} is used twice")
         seen.add(b.name)
         for name in filter(None, (b.alias, b.fallback)):
             if name not in cfg.aliases:
                 field_name = "alias" if name == b.alias else "fallback"
                 src.problem(
-                    loc + (field_name,), f"alias {name!r} is not defined under aliases{_suggest(name, cfg.aliases)}"
+                    loc + (field_name,),
+                    f"alias {echo(name)} is not defined under aliases"
+                    f"{src.suggest(name, cfg.aliases)}",
                 )
         if b.fallback is not None and b.fallback == b.alias:
             src.problem(loc + ("fallback",), "falls back to the alias it limits")
         if b.provider is not None and b.provider not in cfg.providers:
             src.problem(
-                loc + ("provider",), f"provider {b.provider!r} is not defined{_suggest(b.provider, cfg.providers)}"
+                loc + ("provider",),
+                f"provider {echo(b.provider)} is not defined{src.suggest(b.provider or '', cfg.providers)}",
             )
-        if b.key is not None:
-            names = {k.name for p in cfg.providers.values() for k in p.api_keys() if k.named}
-            if b.key not in names:
-                src.problem(loc + ("key",), f"no provider has a key named {b.key!r}{_suggest(b.key, names)}")
+        if b.key is not None and b.key not in named:
+            src.problem(
+                loc + ("key",),
+                f"no provider has a key named {echo(b.key)}{src.suggest(b.key or '', named)}",
+            )
     if cfg.budgets and cfg.ledger is None:
         src.problem(("budgets",), "budgets keep their spend in the ledger's database: add a ledger: section")
 
@@ -557,8 +711,7 @@ class GatewayConfig(_Model):
 
     @model_validator(mode="after")
     def _unique(self) -> GatewayConfig:
-        names = [k.name for k in self.keys]
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted(n for n, c in Counter(k.name for k in self.keys).items() if c > 1)
         if dup:
             raise ValueError(f"key names must be unique: {', '.join(dup)}")
         seen: dict[str, str] = {}
@@ -577,7 +730,7 @@ def _check_gateway(cfg: RouterConfig, src: _Source) -> None:
             if alias not in cfg.aliases:
                 src.problem(
                     ("gateway", "keys", i, "aliases", j),
-                    f"alias {alias!r} is not defined under aliases{_suggest(alias, cfg.aliases)}",
+                    f"alias {src.echo(alias)} is not defined under aliases{src.suggest(alias, cfg.aliases)}",
                 )
 
 
@@ -618,6 +771,24 @@ class RouterConfig(_Model):
     def targets(self, alias: str) -> tuple[Target, ...]:
         """Every target of the alias in config order, tiers flattened."""
         return tuple(t for tier in self._tiers[alias] for t in tier)
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret of this config, longest first: what is scrubbed from errors, logs and traces (see
+        router.secrets for what counts)."""
+        found: list[str] = []
+        for p in self.providers.values():
+            found += [k.secret.get_secret_value() for k in p.api_keys()]
+            found += p.header_env_values()
+            for name, value in p.headers.items():
+                if CREDENTIAL_NAME.search(name):
+                    found += [value, value.rsplit(" ", 1)[-1]]
+            if p.api_base:
+                found += url_secrets(p.api_base)
+        if self.state.url is not None:
+            found += url_secrets(self.state.url.get_secret_value())
+        if self.ledger is not None and self.ledger.dsn is not None:
+            found += url_secrets(self.ledger.dsn.get_secret_value())
+        return worth_scrubbing(found)
 
 
 @dataclass(frozen=True)
@@ -691,28 +862,52 @@ def normalize_model(kind: str, model: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Loading
 
-_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# A reference: `${NAME}` or the start of `${NAME:-default}`, after an even run of `$` (each `$$` is a literal `$`).
+# It can only match where a run of `$` begins, and each part matches in one way, so a search is linear.
+_REF = re.compile(r"(?<!\$)(?:\$\$)*\$\{([A-Za-z_][A-Za-z0-9_]*)(\}|:-)")
+# A `${` that begins no reference: after an even run of `$`, like a reference, whatever follows it.
+_OPEN = re.compile(r"(?<!\$)(?:\$\$)*\$\{")
+
+
+def _references(value: str) -> Iterator[tuple[int, int, str, str | None]]:
+    """Each whole `${NAME}` or `${NAME:-default}` in `value`, left to right: (start, end, name, default).
+
+    Linear in the text, whatever it holds: the search runs in C, a default ends at the first `}` after it,
+    and nothing past the last `}` is searched, since no reference can end there. (A regex whose default
+    part backtracked to the end of the text at every `${NAME:-` took hours on a file of them, holding the
+    GIL throughout.)"""
+    end = value.rfind("}") + 1
+    at = 0
+    while (m := _REF.search(value, at, end)) is not None:
+        start = m.start(1) - 2
+        if m.group(2) == "}":
+            yield start, m.end(), m.group(1), None
+            at = m.end()
+        else:
+            close = value.index("}", m.end())  # one exists: the search ended at the last
+            yield start, close + 1, m.group(1), value[m.end() : close]
+            at = close + 1
 
 
 def interpolate(value: str, env: Mapping[str, str]) -> tuple[str, list[str], list[str]]:
     """Expand `${VAR}` and `${VAR:-default}` (`$$` is a literal `$`); return (text, vars used, vars unset)."""
     used: list[str] = []
     unset: list[str] = []
-
-    def sub(m: re.Match[str]) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name, default = m.group(1), m.group(2)
+    out: list[str] = []
+    at = 0
+    for start, end, name, default in _references(value):
+        out.append(value[at:start].replace("$$", "$"))  # text between references pairs its `$`s afresh
+        at = end
         used.append(name)
         got = env.get(name, "")
         if got:
-            return got
-        if default is not None:
-            return default
-        unset.append(name)
-        return ""
-
-    return _VAR.sub(sub, value), used, unset
+            out.append(got)
+        elif default is not None:
+            out.append(default)
+        else:
+            unset.append(name)
+    out.append(value[at:].replace("$$", "$"))
+    return "".join(out), used, unset
 
 
 def _bad_reference(value: str) -> str | None:
@@ -721,15 +916,16 @@ def _bad_reference(value: str) -> str | None:
     Left as text it would be sent on as it is, as a key or a URL; an env var's value is never expanded again.
     """
     at = 0
-    for m in _VAR.finditer(value):
-        if "${" in value[at : m.start()]:
+    for start, end, _, default in _references(value):
+        if _OPEN.search(value, at, start) is not None:
             break
-        if m.group(2) is not None and "${" in m.group(2):
-            return m.group(0) + "}"
-        at = m.end()
-    start = value.find("${", at)
-    if start < 0:
+        if default is not None and "${" in default:
+            return value[start:end] + "}"
+        at = end
+    m = _OPEN.search(value, at)
+    if m is None:
         return None
+    start = m.end() - 2
     end = value.find("}", start)
     return value[start : end + 1 if end >= 0 else start + 40]
 
@@ -737,8 +933,11 @@ def _bad_reference(value: str) -> str | None:
 def _key_path(loc: Iterable[Any]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
+        text = str(part)
+        if len(text) > 80:  # a key of a megabyte is still one key
+            text = text[:79] + "…"
+        out += f"[{text}]" if isinstance(part, int) else (f".{text}" if out else text)
+    return redact_keys(out)
 
 
 # -- what a config file may cost to load: a bad file costs a ConfigError, never the process --
@@ -767,122 +966,429 @@ class _LimitError(yaml.YAMLError):
         self.message = message
 
 
-class _Bounded(yaml.composer.Composer):
-    """A composer that counts what the document expands to while it composes the node graph.
+_TAG = "tag:yaml.org,2002:"
+_STR, _SEQ, _MAP, _MERGE, _INT = _TAG + "str", _TAG + "seq", _TAG + "map", _TAG + "merge", _TAG + "int"
+_SCALAR_TAGS = frozenset(_TAG + t for t in ("null", "bool", "int", "float", "str"))
 
-    Every node composed counts 1 and every alias the expanded size of the node it points at, so an alias
-    bomb is refused at the alias that crosses MAX_CONFIG_NODES, having cost no more than its own text.
-    """
 
-    # A date or `=` stays a string, as in JSON: `2024-08-06` is a model version, not a datetime.
+class _Plain:
+    """The implicit types of a config: JSON's. A date or `=` stays a string: `2024-08-06` is a model version."""
+
     yaml_implicit_resolvers = {  # noqa: RUF012 (PyYAML's own class attribute)
         first: [(tag, rx) for tag, rx in resolvers if tag in _PLAIN_TAGS]
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
 
-    def _start_counting(self) -> None:
-        self._depth = 0  # lists and mappings open around the node being composed
-        self._total = 0  # values of the document so far, aliases expanded
-        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, levels) of its expansion
 
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        event = self.peek_event()  # type: ignore[attr-defined]
-        line = event.start_mark.line + 1
-        if isinstance(event, yaml.AliasEvent):
-            node = super().compose_node(parent, index)
-            size = self._sizes.get(id(node))
-            if size is None:
-                raise _LimitError(line, f"alias *{event.anchor} refers to itself: a config cannot contain itself")
-            self._count(line, size, f"alias *{event.anchor}")
-            return node
-        tag = getattr(event, "tag", None)
-        if tag is not None and tag not in ("!", *_PLAIN_TAGS):
-            raise _LimitError(
-                line,
-                f"tag {tag.replace('tag:yaml.org,2002:', '!!')} is not allowed: a config holds only strings, "
-                "numbers, booleans, null, lists and mappings",
-            )
-        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-            self._depth += 1
-            if self._depth > MAX_CONFIG_DEPTH:
-                raise _LimitError(line, _too_deep)
-        try:
-            node = super().compose_node(parent, index)
-        finally:
-            if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
-                self._depth -= 1
-        if node is None:
-            return None
-        if isinstance(node, yaml.ScalarNode):
-            if node.tag == "tag:yaml.org,2002:int" and len(node.value) > _MAX_INT_DIGITS:
-                raise _LimitError(line, f"integer of {len(node.value)} digits is too large")
-            size = (1, 0)
-        else:
-            children = [c for kv in node.value for c in kv] if isinstance(node, yaml.MappingNode) else node.value
-            sizes = [self._sizes[id(c)] for c in children]
-            size = (1 + sum(n for n, _ in sizes), 1 + max((d for _, d in sizes), default=0))
-        self._sizes[id(node)] = size
-        self._total += 1
-        if self._total > MAX_CONFIG_NODES:
-            raise _LimitError(line, f"the document holds over {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES)")
-        return node
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)  # type: ignore[misc]
-        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
-            # PyYAML's scalar constructors raise these for `!!int ""`, `0b_` or `!!bool maybe`
-            if not isinstance(node, yaml.ScalarNode):
-                raise
-            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-            raise _LimitError(node.start_mark.line + 1, f"{node.value[:40]!r} is not a valid {tag}") from None
-
-    def _count(self, line: int, size: tuple[int, int], what: str) -> None:
-        values, levels = size
-        self._total += values
-        if self._total > MAX_CONFIG_NODES:
-            raise _LimitError(
-                line,
-                f"{what} expands the document past {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES): "
-                "an alias bomb, or aliases nested too deep",
-            )
-        if self._depth + levels > MAX_CONFIG_DEPTH:
-            raise _LimitError(line, f"{what} nests deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)")
-
-
-class _PyLoader(_Bounded, yaml.SafeLoader):
-    """PyYAML's pure-Python safe loader, composing through `_Bounded`."""
-
-    def __init__(self, text: str) -> None:
-        yaml.SafeLoader.__init__(self, text)
-        self._start_counting()
+class _PyLoader(_Plain, yaml.SafeLoader):
+    """PyYAML's pure-Python parser, resolver and scalar constructors; `_Builder` makes the values."""
 
 
 if yaml.__with_libyaml__:
     from yaml._yaml import CParser
 
-    class _CLoader(_Bounded, CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
-        """libyaml parses (4x faster); composing, counting and constructing stay in Python, as in `_PyLoader`."""
+    class _CLoader(_Plain, CParser, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+        """libyaml parses (4x faster); `_Builder` makes the values from its events, as from `_PyLoader`'s."""
 
         def __init__(self, text: str) -> None:
             CParser.__init__(self, text)
             yaml.constructor.SafeConstructor.__init__(self)
             yaml.resolver.Resolver.__init__(self)
-            yaml.composer.Composer.__init__(self)
-            self._start_counting()
 
     _Loader: type[_PyLoader] | type[_CLoader] = _CLoader
 else:  # pragma: no cover - PyYAML built without libyaml
     _Loader = _PyLoader
 
 
+@dataclass(frozen=True)
+class _Anchor:
+    """What an `&anchor` stands for: its value, its size once expanded, and where its text is (None: in a key)."""
+
+    value: Any
+    values: int
+    levels: int
+    path: tuple[Any, ...] | None
+    mark: yaml.Mark
+
+
+class _Lines:
+    """The line of every key path: recorded where the text is, and followed through aliases and `<<` merges
+    to their anchor's text when asked (so an alias costs one entry, whatever it expands to)."""
+
+    def __init__(self) -> None:
+        self.at: dict[tuple[Any, ...], int] = {}
+        self.mounts: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # where an alias is -> its anchor's path
+        self.merged: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}  # a mapping -> anchors merged into it
+
+    def text_of(self, loc: tuple[Any, ...], hops: int = 0) -> tuple[Any, ...] | None:
+        """The path whose text `loc` is (itself, or inside an anchor), or None if the file has no such path."""
+        if loc in self.at or hops > 16:
+            return loc if loc in self.at else None
+        for n in range(1, len(loc)):
+            prefix, rest = loc[:n], loc[n:]
+            if prefix in self.mounts:
+                return self.text_of(self.mounts[prefix] + rest, hops + 1)
+            if prefix + rest[:1] not in self.at and prefix in self.merged:
+                for base in self.merged[prefix]:
+                    found = self.text_of(base + rest, hops + 1)
+                    if found is not None:
+                        return found
+                return None
+        return None
+
+    def __contains__(self, loc: tuple[Any, ...]) -> bool:
+        return self.text_of(loc) is not None
+
+    def get(self, loc: tuple[Any, ...]) -> int | None:
+        found = self.text_of(loc)
+        return None if found is None else self.at[found]
+
+    def __bool__(self) -> bool:
+        return bool(self.at)
+
+
+class _Builder:
+    """Makes the document's values straight from the parser's events, in one pass, within the limits.
+
+    Every value counts 1 and every alias the expanded size of its anchor, so an alias bomb is refused at the
+    alias that crosses MAX_CONFIG_NODES, having cost no more than its own text; nesting is counted the same
+    way against MAX_CONFIG_DEPTH. A tag that would build anything but JSON's types is refused. The line of
+    every key path is recorded for error messages, those inside an alias at the anchor's text. (PyYAML
+    composes a node graph, then constructs values from it, and a third pass found the lines: four times
+    slower, and that is most of what a big config costs to load.)
+    """
+
+    def __init__(self, loader: Any, lines: _Lines, duplicate: Callable[..., None]) -> None:
+        self.loader = loader
+        self.lines = lines
+        self.duplicate = duplicate  # duplicate(path, first_line, line)
+        self.anchors: dict[str, _Anchor] = {}
+        self.open: dict[str, yaml.Mark] = {}  # anchors whose value is being built
+        self.text_of: dict[int, tuple[Any, ...]] = {}  # id(an anchored value) -> where its text is
+        self.total = 0  # values so far, aliases expanded
+        self.depth = 0  # lists and mappings open around the value being built
+        self.resolvers = loader.yaml_implicit_resolvers  # by first character: what a plain scalar may be
+
+    def document(self) -> Any:
+        """The single document's value (None for an empty stream)."""
+        get, check = self.loader.get_event, self.loader.check_event
+        get()  # stream start
+        if check(yaml.StreamEndEvent):
+            return None
+        first = get()  # document start
+        value = self.node(get(), ())[0]
+        get()  # document end
+        if not check(yaml.StreamEndEvent):
+            raise yaml.composer.ComposerError(
+                "expected a single document in the stream", first.start_mark, "but found another document",
+                get().start_mark,
+            )  # fmt: skip
+        return value
+
+    def count(self, line: int, values: int, levels: int, what: str) -> None:
+        self.total += values
+        if self.total > MAX_CONFIG_NODES:
+            raise _LimitError(
+                line,
+                f"{what} expands the document past {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES): "
+                "an alias bomb, or aliases nested too deep",
+            )
+        if self.depth + levels > MAX_CONFIG_DEPTH:
+            raise _LimitError(line, f"{what} nests deeper than {MAX_CONFIG_DEPTH} levels (MAX_CONFIG_DEPTH)")
+
+    def node(self, event: Any, path: tuple[Any, ...] | None) -> tuple[Any, int, int]:
+        """The value `event` starts, its size once expanded, and its levels; lines go under `path` (None: a key)."""
+        value: Any
+        if type(event) is yaml.ScalarEvent and event.tag is None and event.anchor is None:
+            # most of a file: a plain or quoted string, with nothing to resolve unless its first character says so
+            value = event.value
+            if event.implicit[0] and value[:1] in self.resolvers:
+                value = self.scalar(event)
+            self.total += 1
+            if self.total > MAX_CONFIG_NODES:
+                raise self.too_many(event)
+            return value, 1, 0
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent):
+            return self.alias(event, path, line)
+        tag = event.tag
+        if tag is not None and tag not in ("!", *_PLAIN_TAGS):
+            raise _LimitError(
+                line,
+                f"tag {tag.replace(_TAG, '!!')} is not allowed: a config holds only strings, "
+                "numbers, booleans, null, lists and mappings",
+            )
+        anchor = event.anchor
+        if anchor is not None:
+            first = self.anchors[anchor].mark if anchor in self.anchors else self.open.get(anchor)
+            if first is not None:
+                raise yaml.composer.ComposerError(
+                    f"found duplicate anchor {anchor!r}; first occurrence", first, "second occurrence",
+                    event.start_mark,
+                )  # fmt: skip
+            self.open[anchor] = event.start_mark
+        if isinstance(event, yaml.ScalarEvent):
+            value, values, levels = self.scalar(event), 1, 0
+        else:
+            self.depth += 1
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise _LimitError(line, _too_deep)
+            if isinstance(event, yaml.SequenceStartEvent):
+                value, values, levels = self.sequence(event, path)
+            else:
+                value, values, levels = self.mapping(event, path)
+            self.depth -= 1
+        self.total += 1
+        if self.total > MAX_CONFIG_NODES:
+            raise self.too_many(event)
+        if anchor is not None:
+            del self.open[anchor]
+            self.anchors[anchor] = _Anchor(value, values, levels, path, event.start_mark)
+            if path is not None:
+                self.text_of[id(value)] = path
+        return value, values, levels
+
+    def too_many(self, event: Any) -> _LimitError:
+        line = event.start_mark.line + 1
+        return _LimitError(line, f"the document holds over {MAX_CONFIG_NODES:,} values (MAX_CONFIG_NODES)")
+
+    def alias(self, event: Any, path: tuple[Any, ...] | None, line: int) -> tuple[Any, int, int]:
+        name = event.anchor
+        anchor = self.anchors.get(name)
+        if anchor is None:
+            if name in self.open:
+                raise _LimitError(line, f"alias *{name} refers to itself: a config cannot contain itself")
+            raise yaml.composer.ComposerError(None, None, f"found undefined alias {name!r}", event.start_mark)
+        self.count(line, anchor.values, anchor.levels, f"alias *{name}")
+        if path is not None and anchor.path is not None:  # its lines are the anchor's
+            self.lines.mounts[path] = anchor.path
+        return anchor.value, anchor.values, anchor.levels
+
+    def scalar(self, event: Any) -> Any:
+        line = event.start_mark.line + 1
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self.loader.resolve(yaml.ScalarNode, event.value, event.implicit)
+        if tag == _STR:
+            return event.value
+        if tag in (_SEQ, _MAP):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"expected a {'sequence' if tag == _SEQ else 'mapping'} node, but found scalar",
+                event.start_mark,
+            )  # fmt: skip
+        if tag == _INT and len(event.value) > _MAX_INT_DIGITS:
+            raise _LimitError(line, f"integer of {len(event.value)} digits is too large")
+        node = yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, style=event.style)
+        construct = self.loader.yaml_constructors.get(tag) or self.loader.yaml_constructors[None]
+        try:
+            return construct(self.loader, node)
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+            # PyYAML's scalar constructors raise these for `!!int ""`, `0b_` or `!!bool maybe`
+            shown = _PLAIN_ECHO(event.value, 40)
+            raise _LimitError(line, f"{shown} is not a valid {tag.replace(_TAG, '!!')}") from None
+
+    def _collection_tag(self, event: Any, kind: str) -> None:
+        tag = event.tag
+        if tag is None or tag == "!" or tag == (_SEQ if kind == "sequence" else _MAP):
+            return
+        wanted = "scalar" if tag in _SCALAR_TAGS else "sequence" if tag == _SEQ else "mapping" if tag == _MAP else ""
+        problem = (
+            f"expected a {wanted} node, but found {kind}"
+            if wanted
+            else f"could not determine a constructor for the tag {tag!r}"
+        )
+        raise yaml.constructor.ConstructorError(None, None, problem, event.start_mark)
+
+    def sequence(self, event: Any, path: tuple[Any, ...] | None) -> tuple[list[Any], int, int]:
+        self._collection_tag(event, "sequence")
+        items: list[Any] = []
+        values, levels = 1, 1
+        get, node, at = self.loader.get_event, self.node, self.lines.at
+        item_event = get()
+        while type(item_event) is not yaml.SequenceEndEvent:
+            sub = None
+            if path is not None:
+                sub = path + (len(items),)
+                at[sub] = item_event.start_mark.line + 1
+            item, n, d = node(item_event, sub)
+            items.append(item)
+            values += n
+            if d >= levels:
+                levels = d + 1
+            item_event = get()
+        return items, values, levels
+
+    def mapping(self, event: Any, path: tuple[Any, ...] | None) -> tuple[dict[Any, Any], int, int]:
+        self._collection_tag(event, "mapping")
+        merged: list[tuple[Any, Any]] = []
+        given: list[tuple[Any, Any]] = []
+        seen: dict[Any, int] = {}
+        values, levels = 1, 1
+        get, node, at = self.loader.get_event, self.node, self.lines.at
+        key_event = get()
+        while type(key_event) is not yaml.MappingEndEvent:
+            key_line = key_event.start_mark.line + 1
+            # `<<: *base`: its keys count where the mapping does not give them
+            if getattr(key_event, "value", None) == "<<" and _is_merge_key(key_event):
+                self.total += 1
+                values += 1
+                value, n, d = node(get(), None)
+                merged += _merge_pairs(value, event.start_mark, key_event.start_mark)
+                if path is not None:  # the lines of keys it brings are its anchors'
+                    for base in value if isinstance(value, list) else [value]:
+                        if id(base) in self.text_of:
+                            self.lines.merged.setdefault(path, []).append(self.text_of[id(base)])
+            else:
+                key, n, d = node(key_event, None)
+                values += n
+                if d >= levels:
+                    levels = d + 1
+                try:
+                    hash(key)
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", event.start_mark, "found unhashable key", key_event.start_mark
+                    ) from None
+                sub = None
+                if path is not None:
+                    sub = path + (key,)
+                    if key in seen:
+                        self.duplicate(sub, seen[key], key_line)
+                    seen.setdefault(key, key_line)
+                    at[sub] = key_line
+                value, n, d = node(get(), sub)
+                given.append((key, value))
+            values += n
+            if d >= levels:
+                levels = d + 1
+            key_event = get()
+        return dict(merged + given), values, levels
+
+
+def _is_merge_key(event: Any) -> bool:
+    if not isinstance(event, yaml.ScalarEvent) or event.anchor is not None:
+        return False
+    return bool(event.tag == _MERGE or (event.tag is None and event.implicit[0] and event.value == "<<"))
+
+
+def _merge_pairs(value: Any, start: yaml.Mark, at: yaml.Mark) -> list[tuple[Any, Any]]:
+    """The pairs a `<<` merge adds, in PyYAML's order: of a list of mappings, the first wins."""
+    if isinstance(value, dict):
+        return list(value.items())
+    if isinstance(value, list):
+        pairs: list[tuple[Any, Any]] = []
+        for base in reversed(value):
+            if not isinstance(base, dict):
+                found = "sequence" if isinstance(base, list) else "scalar"
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", start, f"expected a mapping for merging, but found {found}", at
+                )
+            pairs += base.items()
+        return pairs
+    raise yaml.constructor.ConstructorError(
+        "while constructing a mapping", start, "expected a mapping or list of mappings for merging, but found scalar",
+        at,
+    )  # fmt: skip
+
+
+_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # YAML's line breaks (str.splitlines knows more)
+_STRUCTURE = ("expected key", "mapping values are not allowed", "expected <block end>", "expected '-' indicator")
+_INDENT_HINT = "(YAML reads indentation as structure)"
+
+
+def _yaml_problem(text: str, file: str, exc: yaml.MarkedYAMLError) -> ConfigProblem:
+    """A YAML syntax error as one problem: on the line that is wrong, saying what is wrong with it if we know."""
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark else None
+    if "maximum nesting depth" in str(exc.problem):  # libyaml's own bound, met while scanning ahead
+        return ConfigProblem(file, line, "", _too_deep)
+    what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
+    lines = _BREAK.split(text) if line is not None else []
+    bad = lines[line - 1] if line is not None and line <= len(lines) else ""
+    if line is not None and "\t" in bad[: len(bad) - len(bad.lstrip(" \t"))]:
+        return ConfigProblem(file, line, "", "invalid YAML: a tab indents this line, and YAML forbids tabs for "
+                             "indentation: indent with spaces")  # fmt: skip
+    if line is not None and any(s in what for s in _STRUCTURE):
+        found = _misindented(lines, line - 1)
+        if found is not None:
+            at, message = found
+            return ConfigProblem(file, at + 1, "", f"invalid YAML: {message} {_INDENT_HINT}")
+    flow = bad.find("${")
+    if flow > 0 and ("[" in bad[:flow] or "{" in bad[:flow]):
+        what += ' (inside [...] or {...}, quote an env var: "${VAR}")'
+    return ConfigProblem(file, line, "", f"invalid YAML: {redact_keys(what)[:300]}")
+
+
+def _misindented(lines: list[str], bad: int) -> tuple[int, str] | None:
+    """The line before `bad` (0-based), when its indentation is what YAML tripped on at `bad`, and why.
+
+    YAML notices a mis-indented line only at the next one that no longer fits. The line before is at fault
+    when it is the odd one out among lines of its sort (list items, config fields, or names the user chose):
+    between two lines that agree with each other (siblings, not its parent), or the first line of a block
+    whose next lines agree. Otherwise YAML's own line stands.
+    """
+
+    def content(i: int) -> bool:
+        stripped = lines[i].lstrip(" ")
+        return bool(stripped) and not stripped.startswith("#")
+
+    def indent(i: int) -> int:
+        return len(lines[i]) - len(lines[i].lstrip(" "))
+
+    def opens(i: int) -> bool:  # `key:` with its value on the lines below
+        return lines[i].split(" #")[0].rstrip().endswith(":")
+
+    def sort(i: int) -> str:  # a list item, a config field, or a name (an alias, a provider, a param...)
+        text = lines[i].lstrip(" ")
+        if text.startswith("- ") or text == "-":
+            return "item"
+        return "field" if text.split(":", 1)[0].strip("'\" ") in _FIELD_NAMES else "name"
+
+    def before(i: int) -> int | None:
+        return next((j for j in range(i - 1, max(i - 51, -1), -1) if content(j)), None)
+
+    def after(i: int) -> int | None:
+        return next((j for j in range(i + 1, min(i + 51, len(lines))) if content(j)), None)
+
+    if not content(bad):
+        return None
+    here = indent(bad)
+    prev, nxt = before(bad), after(bad)
+    if prev is None or indent(prev) == here or sort(prev) != sort(bad):
+        return None
+    prior = before(prev)
+    if prior is None or (nxt is not None and indent(nxt) == indent(prev)):  # then `bad` is the odd one
+        return None
+    parent = opens(prior) and indent(prior) < indent(prev)  # prev is the first line of prior's block
+    if indent(prior) == here and not parent and sort(prior) == sort(prev):  # between two siblings that agree
+        return prev, (
+            f"this line is indented {indent(prev)} spaces and the lines around it ({prior + 1} and {bad + 1}) "
+            f"{here}: indent it like them"
+        )
+    if parent and indent(prior) < here and nxt is not None and indent(nxt) == here and sort(nxt) == sort(prev):
+        return prev, (  # the first line of a block, whose next lines agree with each other
+            f"this line is indented {indent(prev)} spaces and the lines after it ({bad + 1} and {nxt + 1}) "
+            f"{here}: indent it like them"
+        )
+    return None
+
+
+MAX_REPORTED_PROBLEMS = 100
+"""Most problems one ConfigError lists; the rest are counted (a broken file of thousands of lines says so)."""
+_SUGGEST_BUDGET = 20_000  # names compared for did-you-mean hints, per file: a hint is worth milliseconds, not more
+
+
 class _Source:
-    """A parsed YAML file plus the line of every key path, for error messages."""
+    """A parsed YAML file plus the line of every key path, and the problems found, for error messages."""
 
     def __init__(self, text: str, file: str) -> None:
         self.file = file
-        self.lines: dict[tuple[Any, ...], int] = {}
+        self.lines = _Lines()
         self.problems: list[ConfigProblem] = []
+        self.more = 0  # problems past MAX_REPORTED_PROBLEMS, counted
+        self.echo = _PLAIN_ECHO
+        self.from_env: dict[tuple[Any, ...], str] = {}  # where a value came from ${VAR}: the text as written
+        self._suggest_budget = _SUGGEST_BUDGET
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError as exc:  # a lone surrogate, from a str that never was a file's text
@@ -893,54 +1399,18 @@ class _Source:
         try:
             loader = _Loader(text)
             try:
-                node = loader.get_single_node()
-                if node is not None:  # before constructing: that flattens `<<` merges into the nodes
-                    self._walk(node, ())
-                self.data = loader.construct_document(node) if node is not None else None
+                self.data = _Builder(loader, self.lines, self._duplicate).document()
             finally:
                 loader.dispose()
         except _LimitError as exc:
-            raise ConfigError([ConfigProblem(file, exc.line, "", exc.message)]) from None
+            raise ConfigError([ConfigProblem(file, exc.line, "", redact_keys(exc.message))]) from None
         except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark else None
-            if "maximum nesting depth" in str(exc.problem):  # libyaml's own bound, met while scanning ahead
-                raise ConfigError([ConfigProblem(file, line, "", _too_deep)]) from None
-            what = " ".join(str(p) for p in (exc.context, exc.problem) if p)
-            bad_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
-            if "${" in bad_line:
-                what += ' (inside [...] or {...}, quote an env var: "${VAR}")'
-            raise ConfigError([ConfigProblem(file, line, "", f"invalid YAML: {what}")]) from None
+            raise ConfigError([_yaml_problem(text, file, exc)]) from None
         except yaml.YAMLError as exc:
-            raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {exc}")]) from None
+            raise ConfigError([ConfigProblem(file, None, "", f"invalid YAML: {redact_keys(str(exc))[:200]}")]) from None
 
-    def _walk(self, node: yaml.Node, path: tuple[Any, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            merged: list[yaml.Node] = []
-            for k, v in node.value:
-                if k.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys count where not given here
-                    merged += v.value if isinstance(v, yaml.SequenceNode) else [v]
-                    continue
-                key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>"
-                if key in seen:
-                    self.problem(
-                        path + (key,), f"duplicate key (first defined on line {seen[key]})", k.start_mark.line + 1
-                    )
-                seen.setdefault(key, k.start_mark.line + 1)
-                self.lines[path + (key,)] = k.start_mark.line + 1
-                self._walk(v, path + (key,))
-            for base in merged:
-                if isinstance(base, yaml.MappingNode):
-                    for k, v in base.value:
-                        key = k.value if isinstance(k, yaml.ScalarNode) else f"<{k.id}>"
-                        if path + (key,) not in self.lines:
-                            self.lines[path + (key,)] = k.start_mark.line + 1
-                            self._walk(v, path + (key,))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                self.lines[path + (i,)] = item.start_mark.line + 1
-                self._walk(item, path + (i,))
+    def _duplicate(self, path: tuple[Any, ...], first: int, line: int) -> None:
+        self.problem(path, f"duplicate key (first defined on line {first})", line)
 
     def yaml_loc(self, loc: tuple[Any, ...]) -> tuple[Any, ...]:
         """`loc` without list indexes the YAML does not have (a plain target is validated as a tier of one)."""
@@ -953,42 +1423,109 @@ class _Source:
 
     def line(self, loc: tuple[Any, ...]) -> int | None:
         for n in range(len(loc), 0, -1):
-            if loc[:n] in self.lines:
-                return self.lines[loc[:n]]
+            found = self.lines.get(loc[:n])
+            if found is not None:
+                return found
         return 1 if self.lines else None
 
+    @property
+    def full(self) -> bool:
+        """Whether MAX_REPORTED_PROBLEMS are listed already (the next are only counted)."""
+        return len(self.problems) >= MAX_REPORTED_PROBLEMS
+
     def problem(self, loc: tuple[Any, ...], message: str, line: int | None = None) -> None:
-        self.problems.append(ConfigProblem(self.file, line or self.line(loc), _key_path(loc), message))
+        """Report a problem at `loc` (once MAX_REPORTED_PROBLEMS are listed, only count it)."""
+        if self.full:
+            self.more += 1
+            return
+        self.problems.append(ConfigProblem(self.file, line or self.line(loc), _key_path(loc), redact_keys(message)))
+
+    def error(self) -> ConfigError:
+        """The ConfigError listing the problems (and counting those past the limit)."""
+        more = [ConfigProblem(self.file, None, "", f"... and {self.more:,} more problems (fix these first)")]
+        return ConfigError(self.problems + (more if self.more else []))
+
+    def suggest(self, name: str, known: Mapping[str, Any] | Iterable[str]) -> str:
+        """' (did you mean ...?)' for the closest known name, while the file's budget of comparisons lasts."""
+        size = len(known) if isinstance(known, (Mapping, set, frozenset, list, tuple)) else _SUGGEST_BUDGET
+        if len(name) > 64 or size > self._suggest_budget:
+            return ""
+        self._suggest_budget -= size
+        close = difflib.get_close_matches(name, [k for k in known if len(k) <= 128], n=1)
+        return f" (did you mean {_PLAIN_ECHO(close[0])}?)" if close else ""
 
 
 def _interpolate_tree(
     src: _Source, data: Any, env: Mapping[str, str]
 ) -> tuple[Any, dict[str, dict[int, tuple[str, ...]]], dict[str, list[str]]]:
     """Expand env vars in every string; an unset var is an error except in a key (its target is then skipped).
-    Also returns, per provider, the env vars each key was read from and what env vars put into its headers."""
-    key_env: dict[str, dict[int, tuple[str, ...]]] = {}
-    header_env: dict[str, list[str]] = {}
+    Also returns, per provider, the env vars each key was read from and what env vars put into its headers.
 
-    def walk(x: Any, loc: tuple[Any, ...]) -> Any:
+    Each value that came from the environment is noted (`src.from_env`, and `src.echo` quotes it as written),
+    so that no error shows an env var's value: it may be a key pasted into the wrong place."""
+    expand = _Expand(src, env)
+    out = expand.walk(data, ())
+    src.echo = _Echo(expand.written, expand.env_values)
+    return out, expand.key_env, expand.header_env
+
+
+_NOTHING_TO_CHECK = frozenset({int, bool, type(None)})
+
+
+class _Expand:
+    """One walk of `_interpolate_tree` (a class, not a closure: a recursive closure is a reference cycle that
+    keeps the whole parsed file alive until the cyclic GC finds it)."""
+
+    def __init__(self, src: _Source, env: Mapping[str, str]) -> None:
+        self.src = src
+        self.env = env
+        self.key_env: dict[str, dict[int, tuple[str, ...]]] = {}
+        self.header_env: dict[str, list[str]] = {}
+        self.written: dict[str, str] = {}
+        self.env_values: dict[str, str] = {}
+
+    def walk(self, x: Any, loc: tuple[Any, ...]) -> Any:
+        # a leaf with nothing to expand or check is taken as it is, without a call (most of a big file)
+        walk, done = self.walk, _NOTHING_TO_CHECK
         if isinstance(x, dict):
-            return {k: walk(v, loc + (k,)) for k, v in x.items()}
+            return {
+                k: v if type(v) in done or (type(v) is str and "$" not in v) else walk(v, loc + (k,))
+                for k, v in x.items()
+            }
         if isinstance(x, list):
-            return [walk(v, loc + (i,)) for i, v in enumerate(x)]
+            return [
+                v if type(v) in done or (type(v) is str and "$" not in v) else walk(v, loc + (i,))
+                for i, v in enumerate(x)
+            ]
         if isinstance(x, float) and not math.isfinite(x):
-            src.problem(loc, "must be a finite number, not .inf or .nan")
+            self.src.problem(loc, "must be a finite number, not .inf or .nan")
             return x
         if not isinstance(x, str) or "$" not in x:
             return x
+        return self.text(x, loc)
+
+    def text(self, x: str, loc: tuple[Any, ...]) -> str:
+        src, env = self.src, self.env
         bad = _bad_reference(x)
         if bad:
-            src.problem(loc, f"{bad!r} is not an env var reference: write ${{NAME}} or ${{NAME:-default}} ($$ for a $)")
+            src.problem(
+                loc,
+                f"{_PLAIN_ECHO(bad, 40)} is not an env var reference: write ${{NAME}} or ${{NAME:-default}} "
+                "($$ for a $)",
+            )
             return x
         text, used, unset = interpolate(x, env)
+        for name in used:
+            if env.get(name):
+                self.env_values.setdefault(env[name], f"${{{name}}}")
+        if used:
+            src.from_env[loc] = x
+            self.written.setdefault(text, x)
         if len(loc) == 4 and loc[0] == "providers" and loc[2] == "headers":
-            header_env.setdefault(loc[1], []).extend(_substituted(x, env))
+            self.header_env.setdefault(loc[1], []).extend(_substituted(x, env))
         index = _key_index(loc)
         if index is not None:
-            key_env.setdefault(loc[1], {})[index] = tuple(used)
+            self.key_env.setdefault(loc[1], {})[index] = tuple(used)
             if unset:  # "prefix-${UNSET}" is no key at all: the target is skipped, naming the variable
                 return ""
         elif unset:
@@ -996,12 +1533,10 @@ def _interpolate_tree(
             src.problem(loc, f"environment variable {names} is not set; set it or give a default: ${{{unset[0]}:-...}}")
         return text
 
-    return walk(data, ()), key_env, header_env
-
 
 def _substituted(value: str, env: Mapping[str, str]) -> list[str]:
     """What each `${VAR}` of `value` expands to (the variable, else its default)."""
-    return [env.get(m.group(1), "") or (m.group(2) or "") for m in _VAR.finditer(value) if m.group(1)]
+    return [env.get(name, "") or (default or "") for _, _, name, default in _references(value)]
 
 
 def _key_index(loc: tuple[Any, ...]) -> int | None:
@@ -1022,7 +1557,7 @@ def _friendly(err: Mapping[str, Any], model_fields: Iterable[str]) -> str:
     kind = err["type"]
     if kind == "extra_forbidden":
         name = str(err["loc"][-1])
-        close = difflib.get_close_matches(name, list(model_fields), n=1)
+        close = difflib.get_close_matches(name, list(model_fields), n=1) if len(name) <= 64 else []
         return "unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
     if kind == "missing":
         return "required key is missing"
@@ -1055,51 +1590,234 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+def _all_fields(model: type[BaseModel], seen: set[type[BaseModel]] | None = None) -> set[str]:
+    """Every key any model under `model` has."""
+    seen = set() if seen is None else seen
+    if model in seen:
+        return set()
+    seen.add(model)
+    out = set(model.model_fields)
+    for info in model.model_fields.values():
+        sub = _model_in(info.annotation)
+        if sub is not None:
+            out |= _all_fields(sub, seen)
+    return out
+
+
+# The keys of the config's own models, told apart from names users choose (of aliases, providers, params).
+_FIELD_NAMES = frozenset(_all_fields(RouterConfig) | {"target"})
+
+
+# Sections whose entries are named by the user: a field of an entry written at the level of the names is read
+# as one more entry (`params:` two spaces short is an alias called "params").
+_ENTRIES: dict[str, tuple[str, str, type[BaseModel], str]] = {
+    # section: (what one entry is, what they are, its model, a key only a real entry has)
+    "aliases": ("alias", "aliases", AliasConfig, "targets"),
+    "providers": ("provider", "providers", ProviderConfig, "kind"),
+    "pricing": ("price", "prices", PricingConfig, ""),
+}
+
+
+def _misplaced(loc: tuple[Any, ...], data: Mapping[str, Any]) -> tuple[tuple[Any, ...], str] | None:
+    """A key written one level too high (by its indentation), and what to do about it; None if it is not that."""
+    if len(loc) >= 2 and loc[0] in _ENTRIES and isinstance(loc[1], str):
+        what, plural, model, marker = _ENTRIES[loc[0]]
+        section = data.get(loc[0])
+        value = section.get(loc[1]) if isinstance(section, dict) else None
+        if loc[1] in model.model_fields and not (marker and isinstance(value, dict) and marker in value):
+            prev = _key_before(section, loc[1])
+            under = f"indent it under {what} {_PLAIN_ECHO(prev)}" if prev is not None else f"indent it under a {what}"
+            return loc[:2], f"`{loc[1]}` sits at the level of the {plural}; {under}"
+    if len(loc) == 1 and isinstance(loc[0], str) and loc[0] not in RouterConfig.model_fields:
+        prev = _key_before(data, loc[0])
+        if prev == "defaults" and loc[0] in DefaultsConfig.model_fields:
+            return loc, f"`{loc[0]}` sits at the top level; indent it under defaults"
+        if prev in _ENTRIES and loc[0] in _ENTRIES[prev][2].model_fields:
+            last = _key_before(data.get(prev), None)
+            what = _ENTRIES[prev][0]
+            under = f"indent it under {what} {_PLAIN_ECHO(last)}" if last is not None else f"indent it under a {what}"
+            return loc, f"`{loc[0]}` sits at the top level; {under}"
+    return None
+
+
+def _key_before(mapping: Any, key: Any) -> Any:
+    """The key written just before `key` in `mapping` (None: the last key), or None."""
+    if not isinstance(mapping, dict):
+        return None
+    prev = None
+    for k in mapping:
+        if k == key:
+            return prev
+        prev = k
+    return prev if key is None else None
+
+
+_UNITS = re.compile(r"^\s*(?:US)?\$?\s*(?P<n>[-+]?(?:\d[\d_]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(?:\$|USD|usd)?\s*$")
+_SECONDS = re.compile(r"^\s*(?P<n>[-+]?(?:\d+\.?\d*|\.\d+))\s*(?:s|sec|secs|seconds)\s*$")
+
+
+def _number_hint(loc: tuple[Any, ...], value: Any, from_env: bool) -> str | None:
+    """For a number written as text: `"$0.15"` → write 0.15; `"30s"` (a *_s key) → write 30; else None."""
+    if not isinstance(value, str) or len(value) > 40 or not loc or not isinstance(loc[-1], str):
+        return None
+    if loc[-1].endswith("_s"):
+        m, unit = _SECONDS.match(value), "seconds, without a unit"
+    elif "_per_1" in loc[-1] or loc[-1].endswith("_usd"):
+        m, unit = _UNITS.match(value), "USD, without $ or a unit"
+    else:
+        return None
+    if m is None or (m.group("n") == value.strip()):  # no unit to drop: not this mistake
+        return None
+    return f"write a plain number of {unit}" + ("" if from_env else f": {m.group('n')}")
+
+
+def _value_at(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        found = (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        )
+        if not found:
+            return None
+        data = data[part]
+    return data
+
+
+def _validation_problems(src: _Source, data: Mapping[str, Any], exc: ValidationError) -> None:
+    """Each pydantic error as a problem at its file line, worded for the mistake people make there."""
+    misplaced: dict[tuple[Any, ...], tuple[tuple[Any, ...], str] | None] = {}  # once per key: errors under it are many
+    reported: set[tuple[Any, ...]] = set()
+    for err in exc.errors(include_input=False, include_url=False):
+        if src.full:
+            src.more += 1
+            continue
+        loc = src.yaml_loc(tuple(err["loc"]))
+        head = loc[:2] if len(loc) >= 2 and loc[0] in _ENTRIES else loc
+        if head not in misplaced:
+            misplaced[head] = _misplaced(head, data)
+        moved = misplaced[head]
+        if moved is not None:
+            at, message = moved
+            if at not in reported:
+                reported.add(at)
+                src.problem(at, message)
+            continue
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, _TargetError):
+            src.problem(loc, _target_hint(cause.text, data, src.echo))
+            continue
+        hint = None
+        if err["type"] in ("float_parsing", "int_parsing", "float_type"):
+            hint = _number_hint(loc, _value_at(data, loc), loc in src.from_env)
+        src.problem(loc, hint or _friendly(err, _fields_at(loc)))
+
+
+def _target_hint(text: str, data: Mapping[str, Any], echo: _Echo) -> str:
+    """Say how a target is written, with an example on a provider of this file."""
+    message = f"target {echo(text)} must be written '<provider>/<model>'"
+    providers = data.get("providers")
+    if not isinstance(providers, dict) or not providers or echo.hides(text) or len(text) > _ECHO_CHARS:
+        return message
+    names = [str(p) for p in itertools.islice(providers, 4)]
+    more = ", ..." if len(providers) > 3 else ""
+    return f"{message}, e.g. {_PLAIN_ECHO(names[0] + '/' + text)} (providers: {', '.join(names[:3])}{more})"
+
+
+@contextlib.contextmanager
+def _no_gc_pauses() -> Iterator[None]:
+    """Hold off the cyclic garbage collector while a file is checked.
+
+    Checking builds hundreds of thousands of objects and no cycles; each full collection over them held the
+    GIL, and so every thread of a serving process, for a tenth of a second and more (and cost 40% of the
+    time). The caller's setting is restored; a collection runs later, as usual."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def parse_config(text: str, file: str = "<config>", env: Mapping[str, str] | None = None) -> RouterConfig:
     """Validate config text; raise `ConfigError` listing every problem with file, line and key path."""
-    env = os.environ if env is None else env
+    with _no_gc_pauses():
+        try:
+            return _parse(text, file, os.environ if env is None else env)
+        except ConfigError as exc:
+            problems = exc.problems  # not the traceback: its frames hold the whole file, freed here, with GC off
+    raise ConfigError(problems)
+
+
+def _parse(text: str, file: str, env: Mapping[str, str]) -> RouterConfig:
     src = _Source(text, file)
-    if not isinstance(src.data, dict):
-        raise ConfigError(
-            [ConfigProblem(file, 1, "", "the file must be a mapping with version, providers and aliases")]
-        )
-    data, key_env, header_env = _interpolate_tree(src, src.data, env)
-    if src.problems:
-        raise ConfigError(src.problems)
+    data: Any = None
+    cfg: RouterConfig | None = None
     try:
-        cfg = RouterConfig.model_validate(data)
-    except ValidationError as exc:
-        for err in exc.errors(include_input=False, include_url=False):
-            loc = src.yaml_loc(tuple(err["loc"]))
-            src.problem(loc, _friendly(err, _fields_at(loc)))
-        raise ConfigError(src.problems) from None
-    for name, provider in cfg.providers.items():
-        n = len(provider.api_key) if isinstance(provider.api_key, list) else 1
-        provider._key_env_vars = tuple(key_env.get(name, {}).get(i, ()) for i in range(n))
-        provider._header_env_values = tuple(header_env.get(name, ()))
-    _check_references(cfg, src)
-    if src.problems:
-        raise ConfigError(src.problems)
-    cfg._source = file
-    cfg._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    return cfg
+        if not isinstance(src.data, dict):
+            raise ConfigError(
+                [ConfigProblem(file, 1, "", "the file must be a mapping with version, providers and aliases")]
+            )
+        data, key_env, header_env = _interpolate_tree(src, src.data, env)
+        if src.problems:
+            raise src.error()
+        try:
+            cfg = RouterConfig.model_validate(data, context={"echo": src.echo})
+        except ValidationError as exc:
+            _validation_problems(src, data, exc)
+            raise src.error() from None
+        for name, provider in cfg.providers.items():
+            n = len(provider.api_key) if isinstance(provider.api_key, list) else 1
+            provider._key_env_vars = tuple(key_env.get(name, {}).get(i, ()) for i in range(n))
+            provider._header_env_values = tuple(header_env.get(name, ()))
+        _check_references(cfg, src)
+        if src.problems:
+            raise src.error()
+        cfg._source = file
+        cfg._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return cfg
+    except ConfigError:
+        if cfg is not None:
+            _release(cfg.aliases, cfg.providers, cfg.pricing, cfg._tiers, levels=1)
+        raise
+    finally:
+        _release(src.data, data, levels=2)
 
 
-def _suggest(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def _release(*trees: Any, levels: int) -> None:
+    """Empty the top `levels` of each tree one entry at a time, so that freeing a big file is many small frees.
+
+    Freed in one cascade, a file of 50,000 entries held the GIL for a tenth of a second and more. Only our own
+    containers are emptied: below `levels` a value may be shared with the config (params are passed on as is).
+    """
+    for tree in trees:
+        if not isinstance(tree, (dict, list)) or len(tree) < 256:  # small: freed at once, quickly
+            continue
+        pop = tree.popitem if isinstance(tree, dict) else tree.pop
+        while tree:
+            branch = pop()
+            if levels > 1:
+                _release(branch[1] if isinstance(branch, tuple) else branch, levels=levels - 1)
+            del branch
 
 
 def _check_references(cfg: RouterConfig, src: _Source) -> None:
     d = cfg.defaults
+    echo = src.echo
     if d.model is not None and d.model not in cfg.aliases:
         src.problem(
-            ("defaults", "model"), f"alias {d.model!r} is not defined under aliases{_suggest(d.model, cfg.aliases)}"
+            ("defaults", "model"),
+            f"alias {echo(d.model)} is not defined under aliases{src.suggest(d.model or '', cfg.aliases)}",
         )
+    for section, names in (("providers", cfg.providers), ("aliases", cfg.aliases)):
+        for name in names:  # a name goes into metric labels, logs and `explain`
+            if looks_like_key(name):
+                src.problem((section, name), f"this name looks like an API key (not shown): {_PUT_KEYS}")
     for name, p in cfg.providers.items():
         if (p.engine or d.engine) == "direct" and (why := direct_problem(p.kind, p.api_base)) is not None:
             at = ("providers", name, "engine") if p.engine else ("defaults", "engine")
-            src.problem(at, why if p.engine else f"provider {name!r}: {why}")
+            src.problem(at, why if p.engine else f"provider {echo(name)}: {why}")
+    keys = {name: p.api_keys() for name, p in cfg.providers.items()}  # once each: a pool may hold thousands
+    circuits = {name: _circuit(d.circuit, p.circuit) for name, p in cfg.providers.items()}
     tiers: dict[str, tuple[tuple[Target, ...], ...]] = {}
     spelled: set[str] = set()
     for alias_name, alias in cfg.aliases.items():
@@ -1108,11 +1826,15 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
             members = []
             for j, t in enumerate(tier):
                 provider = cfg.providers.get(t.provider)
+                if provider is None and src.full:
+                    src.more += 1
+                    continue
                 if provider is None:
                     loc = src.yaml_loc(("aliases", alias_name, "targets", i, j))
                     src.problem(
                         loc,
-                        f"provider {t.provider!r} is not defined under providers{_suggest(t.provider, cfg.providers)}",
+                        f"provider {echo(t.provider)} is not defined under providers"
+                        f"{src.suggest(t.provider, cfg.providers)}",
                     )
                     continue
                 model = normalize_model(provider.kind, t.model)
@@ -1123,7 +1845,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         model=model,
                         kind=provider.kind,
                         api_base=provider.api_base,
-                        keys=provider.api_keys(),
+                        keys=keys[t.provider],
                         headers=dict(provider.headers),
                         timeout_s=provider.timeout_s or d.timeout_s,
                         params=dict(t.params),
@@ -1132,7 +1854,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
                         first_token_timeout_s=t.first_token_timeout_s or d.first_token_timeout_s,
                         stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
                         enabled=provider.enabled,
-                        circuit=_circuit(d.circuit, provider.circuit),
+                        circuit=circuits[t.provider],
                         engine=provider.engine or d.engine,
                     )
                 )
@@ -1141,7 +1863,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
         tiers[alias_name] = tuple(resolved)
     for key in cfg.pricing:
         if key not in spelled:
-            src.problem(("pricing", key), f"matches no target of any alias{_suggest(key, spelled)}")
+            src.problem(("pricing", key), f"matches no target of any alias{src.suggest(key, spelled)}")
     cfg._tiers = tiers
     _check_budgets(cfg, src)
     _check_cache(cfg, src)

@@ -1,6 +1,6 @@
 """Every secret a config holds, in one place: what is scrubbed from errors, logs and traces, and URLs as shown.
 
-The secrets of a config (`config_secrets`):
+The secrets of a config (`RouterConfig.secrets()`, built from the parts here):
 
 - every API key (`api_key`, each key of a pool);
 - every value an env var put into a provider header (`Helicone-Auth: "Bearer ${HELI}"`: the value of HELI,
@@ -24,13 +24,9 @@ import logging
 import re
 import threading
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from .errors import redact, scrub
-
-if TYPE_CHECKING:
-    from .config import RouterConfig
 
 MIN_SECRET_CHARS = 6
 MASK = "***"
@@ -51,24 +47,6 @@ GUARDED_LOGGERS = (
 )
 
 _DSN_PASSWORD = re.compile(r"(\b(?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s']+)", re.IGNORECASE)
-
-
-def config_secrets(config: RouterConfig) -> tuple[str, ...]:
-    """Every secret of `config`, longest first (so one holding another is replaced whole)."""
-    found: list[str] = []
-    for p in config.providers.values():
-        found += [k.secret.get_secret_value() for k in p.api_keys()]
-        found += p.header_env_values()
-        for name, value in p.headers.items():
-            if CREDENTIAL_NAME.search(name):
-                found += [value, value.rsplit(" ", 1)[-1]]
-        if p.api_base:
-            found += url_secrets(p.api_base)
-    if config.state.url is not None:
-        found += url_secrets(config.state.url.get_secret_value())
-    if config.ledger is not None and config.ledger.dsn is not None:
-        found += url_secrets(config.ledger.dsn.get_secret_value())
-    return _worth_scrubbing(found)
 
 
 def url_secrets(url: str) -> list[str]:
@@ -134,7 +112,8 @@ def _unquote_dsn(value: str) -> str:
     return value
 
 
-def _worth_scrubbing(values: Iterable[str]) -> tuple[str, ...]:
+def worth_scrubbing(values: Iterable[str]) -> tuple[str, ...]:
+    """The values long enough to be secrets, longest first (so one holding another is replaced whole)."""
     return tuple(sorted({v for v in values if len(v) >= MIN_SECRET_CHARS}, key=lambda v: (-len(v), v)))
 
 
@@ -173,7 +152,7 @@ def guard_logs(secrets: Sequence[str]) -> tuple[str, ...]:
     secrets = tuple(secrets)
     with _guard_lock:
         if not set(secrets) <= set(_guarded):
-            _guarded = _worth_scrubbing((*_guarded, *secrets))
+            _guarded = worth_scrubbing((*_guarded, *secrets))
         for name in GUARDED_LOGGERS:
             logger = logging.getLogger(name)
             if _FILTER not in logger.filters:

@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from .engines import Chunk, ContentFiltered, EmptyStream, FirstTextTimeout, InvalidResponse, StreamLimits, StreamStalled
+from .answers import Chunk, ContentFiltered, EmptyStream, FirstTextTimeout, InvalidResponse, StreamLimits, StreamStalled
 from .types import Usage
 
 _CHUNK, _END, _FAILED = 0, 1, 2

@@ -165,6 +165,73 @@ def test_validate_does_not_import_litellm() -> None:
     assert "ok" in proc.stdout
 
 
+DEAD_CONFIG = """
+    version: 1
+    providers:
+      openai: {kind: openai, api_key: "${OPENAI_API_KEY}"}
+      anthropic: {kind: anthropic, api_key: "${ANTHROPIC_API_KEY}"}
+      local: {kind: openai, api_base: "http://127.0.0.1:8000/v1", enabled: false}
+      spare: {kind: openai, api_key: literal-spare-key}
+    aliases:
+      chat: {targets: [openai/gpt-4o, anthropic/claude-3-5-sonnet-20241022]}
+      local: {targets: [local/llama3]}
+      spare: {targets: [openai/gpt-4o-mini, spare/gpt-4o-mini]}
+"""
+
+
+def warnings_of(proc: subprocess.CompletedProcess[str], path: Path) -> list[str]:
+    prefix = f"{path}: warning: "
+    return [line.removeprefix(prefix) for line in proc.stderr.splitlines() if line.startswith(prefix)]
+
+
+def test_validate_names_the_aliases_that_would_fail_every_call_and_why_but_exits_0(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", DEAD_CONFIG)
+    proc = run("validate", str(path))
+    assert proc.returncode == 0, proc.stderr  # keys may arrive at deploy time
+    assert proc.stdout.startswith(f"{path}: ok (4 providers, 3 aliases, 5 targets)")
+    assert warnings_of(proc, path) == [
+        "alias 'chat' cannot answer: every target is skipped: openai/gpt-4o (MISSING: set OPENAI_API_KEY), "
+        "anthropic/claude-3-5-sonnet-20241022 (MISSING: set ANTHROPIC_API_KEY)",
+        "alias 'local' cannot answer: every target is skipped: local/llama3 (disabled in the config (enabled: false))",
+        "2 of 3 aliases would fail every call; validate --strict exits 1 on this",
+    ]
+    assert_clean(proc, "literal-spare-key")
+
+
+def test_validate_strict_exits_1_when_an_alias_cannot_answer(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", DEAD_CONFIG)
+    proc = run("validate", "--strict", str(path))
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"{path}: ok")
+    assert warnings_of(proc, path)[-1] == "2 of 3 aliases would fail every call (--strict)"
+    assert_clean(proc, "literal-spare-key")
+
+
+def test_validate_strict_passes_once_the_keys_are_set_and_counts_disabled_by_env(tmp_path: Path) -> None:
+    path = write(tmp_path / "router.yaml", DEAD_CONFIG.replace("enabled: false", "enabled: true"))
+    keys = {"OPENAI_API_KEY": FAKE_OPENAI_KEY, "ANTHROPIC_API_KEY": FAKE_SANDBOX_KEY}
+    proc = run("validate", "--strict", str(path), env=cli_env(**keys))
+    assert proc.returncode == 0, proc.stderr
+    assert warnings_of(proc, path) == []
+    assert_clean(proc, *keys.values())
+    # the emergency switch an operator flips: those providers' targets are skipped too
+    proc = run("validate", "--strict", str(path), env=cli_env(**keys, LLM_ROUTER_DISABLED_PROVIDERS="openai,local"))
+    assert proc.returncode == 1
+    assert warnings_of(proc, path) == [  # chat keeps anthropic, spare its own provider
+        "alias 'local' cannot answer: every target is skipped: local/llama3 "
+        "(disabled by LLM_ROUTER_DISABLED_PROVIDERS)",
+        "1 of 3 aliases would fail every call (--strict)",
+    ]
+    assert_clean(proc, *keys.values())
+
+
+def test_validate_strict_on_the_sandbox_config_passes() -> None:
+    # its premium provider has no key, but slow/sim-large can still answer for that alias
+    proc = run("validate", "--strict", str(SANDBOX_YAML))
+    assert proc.returncode == 0, proc.stderr
+    assert "warning" not in proc.stderr
+
+
 # --- explain ----------------------------------------------------------------------------------------------
 
 

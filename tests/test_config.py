@@ -592,3 +592,388 @@ def test_config_schema_accepts_the_example_config() -> None:
     jsonschema.validate(data, schema)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**data, "tragets": []}, schema)
+
+
+# --- errors that name the real mistake ----------------------------------------------------------------------
+
+
+def only(text: str, env: dict[str, str] | None = None) -> str:
+    """The one problem line parse_config reports for `text`."""
+    got = problems(text, env)
+    assert len(got) == 1, got
+    return got[0]
+
+
+def test_a_tab_used_for_indentation_says_yaml_forbids_tabs_not_an_env_var_hint() -> None:
+    text = (
+        "version: 1\n"
+        "providers:\n"
+        "  openai:\n"
+        "    kind: openai\n"
+        '\tapi_key: "${OPENAI_API_KEY}"\n'
+        "aliases:\n"
+        "  fast: {targets: [openai/gpt-4o-mini]}\n"
+    )
+    got = only(text)
+    assert got.startswith(f"test.yaml:{line_of(text, 'api_key')}: invalid YAML: ")
+    assert "YAML forbids tabs for indentation" in got and "spaces" in got
+    assert "quote an env var" not in got
+
+
+def test_a_tab_in_a_flow_line_with_an_env_var_is_still_about_the_tab() -> None:
+    text = "version: 1\nproviders:\n\topenai: {kind: openai, api_key: ${OPENAI_API_KEY}}\naliases: {}\n"
+    got = only(text)
+    assert got.startswith("test.yaml:3: invalid YAML: ") and "YAML forbids tabs for indentation" in got
+
+
+def test_an_env_var_unquoted_inside_a_flow_mapping_keeps_its_hint() -> None:
+    text = "version: 1\nproviders:\n  openai: {kind: openai, api_key: ${OPENAI_API_KEY}}\naliases: {}\n"
+    got = only(text)
+    assert got.startswith("test.yaml:3: invalid YAML: ") and 'quote an env var: "${VAR}"' in got
+
+
+@pytest.mark.parametrize(
+    ("field", "body"),
+    [
+        ("params", "  params:\n    temperature: 0.2\n"),
+        ("system", "  system: Answer in one sentence.\n"),
+        ("cache", "  cache: {ttl_s: 60}\n"),
+        ("hedge", "  hedge: {after_s: 2}\n"),
+    ],
+)
+def test_an_alias_field_indented_at_the_level_of_the_aliases_points_at_the_indentation(field: str, body: str) -> None:
+    text = (
+        "version: 1\n"
+        "providers:\n"
+        "  openai: {kind: openai}\n"
+        "aliases:\n"
+        "  chat:\n"
+        "    targets: [openai/gpt-4o]\n"
+        "  fast:\n"
+        "    targets: [openai/gpt-4o-mini]\n"
+    ) + body
+    got = only(text)
+    assert got == (
+        f"test.yaml:{line_of(text, f'  {field}:')}: aliases.{field}: `{field}` sits at the level of the aliases; "
+        f"indent it under alias 'fast'"
+    )
+
+
+def test_a_top_level_section_named_like_an_alias_field_is_not_misplaced() -> None:
+    # `cache` is an alias field and a top-level section: an error inside the section is about the section
+    text = BASE + "cache: {store: file}\n"
+    assert only(text) == f"test.yaml:{line_of(text, 'cache:')}: cache: store: file needs a path " + (
+        "(e.g. /var/cache/llm-router/cache.sqlite)"
+    )
+
+
+def test_an_alias_really_named_like_a_field_is_still_an_alias() -> None:
+    text = "version: 1\nproviders: {openai: {kind: openai}}\naliases:\n  system: {targets: [openai/gpt-4o]}\n"
+    assert [t.key for t in parse(text).targets("system")] == ["openai/gpt-4o"]
+
+
+def test_a_provider_field_indented_at_the_level_of_the_providers_points_at_the_indentation() -> None:
+    text = yaml_text("""
+        version: 1
+        providers:
+          local:
+            kind: openai
+            api_key: none
+          api_base: http://127.0.0.1:8000/v1
+        aliases:
+          fast: {targets: [local/llama3]}
+    """)
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'api_base')}: providers.api_base: `api_base` sits at the level of the "
+        "providers; indent it under provider 'local'"
+    )
+
+
+def test_a_provider_field_at_the_top_level_points_under_the_last_provider() -> None:
+    text = yaml_text("""
+        version: 1
+        providers:
+          local:
+            kind: openai
+        api_base: http://127.0.0.1:8000/v1
+        aliases:
+          fast: {targets: [local/llama3]}
+    """)
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'api_base')}: api_base: `api_base` sits at the top level; "
+        "indent it under provider 'local'"
+    )
+
+
+@pytest.mark.parametrize("price", ['"$0.15"', "$0.15", "'$ 0.15'", '"0.15$"', '"0.15 USD"'])
+def test_a_price_written_with_a_dollar_sign_says_to_write_a_plain_number(price: str) -> None:
+    text = BASE + f"pricing:\n  openai/gpt-4o:\n    input_per_1m: {price}\n    output_per_1m: 0.6\n"
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'input_per_1m')}: pricing.openai/gpt-4o.input_per_1m: "
+        "write a plain number of USD, without $ or a unit: 0.15"
+    )
+
+
+def test_a_timeout_written_with_its_unit_says_to_write_seconds_as_a_plain_number() -> None:
+    text = BASE + 'defaults:\n  timeout_s: "30s"\n'
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'timeout_s')}: defaults.timeout_s: "
+        "write a plain number of seconds, without a unit: 30"
+    )
+
+
+def test_a_price_that_is_no_number_at_all_keeps_the_plain_message() -> None:
+    text = BASE + "pricing:\n  openai/gpt-4o: {input_per_1m: cheap, output_per_1m: 0.6}\n"
+    got = only(text)
+    assert "valid number" in got and "without $" not in got
+
+
+DEDENTED = [
+    (  # api_base two spaces short, followed by a sibling: YAML only trips on the next line
+        """\
+        version: 1
+        providers:
+          local:
+            kind: openai
+            api_key: none
+          api_base: http://127.0.0.1:8000/v1
+            timeout_s: 120
+        aliases:
+          fast: {targets: [local/llama3]}
+        """,
+        "api_base",
+    ),
+    (  # the first key of a provider one space short of the keys after it
+        """\
+        version: 1
+        providers:
+          local:
+           kind: openai
+            api_base: http://127.0.0.1:8000/v1
+            timeout_s: 120
+        aliases:
+          fast: {targets: [local/llama3]}
+        """,
+        "kind",
+    ),
+    (  # the first key of a provider one space deeper than the keys after it
+        """\
+        version: 1
+        providers:
+          local:
+             kind: openai
+            api_base: http://127.0.0.1:8000/v1
+            timeout_s: 120
+        aliases:
+          fast: {targets: [local/llama3]}
+        """,
+        "kind",
+    ),
+    (  # a key dedented between two of its siblings, the next one a mapping key as well
+        """\
+        version: 1
+        providers:
+          local:
+            kind: openai
+          api_key: "${LOCAL_KEY:-none}"
+            api_base: http://127.0.0.1:8000/v1
+        aliases:
+          fast: {targets: [local/llama3]}
+        """,
+        "api_key",
+    ),
+    (  # the first item of a list one space deeper than the items after it
+        """\
+        version: 1
+        providers:
+          local: {kind: openai}
+        aliases:
+          fast:
+            targets:
+               - local/llama3
+              - local/qwen
+              - local/mistral
+        """,
+        "llama3",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "wrong"), DEDENTED, ids=["api_base", "first-short", "first-deep", "mid", "list"])
+def test_a_mis_indented_line_is_reported_on_that_line(text: str, wrong: str) -> None:
+    text = textwrap.dedent(text)
+    got = only(text, {})
+    assert got.startswith(f"test.yaml:{line_of(text, wrong)}: invalid YAML: "), got
+    assert "indent" in got
+
+
+def reindented(text: str) -> list[tuple[int, str]]:
+    """Every way to shift one line of `text` by one or two spaces: (the 1-based line shifted, the new text)."""
+    lines = text.splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        stripped = line.lstrip(" ")
+        if not stripped.strip() or stripped.startswith("#"):
+            continue
+        indent = len(line) - len(stripped)
+        for shift in (-2, -1, 1, 2):
+            if indent + shift >= 0:
+                out.append((i + 1, "".join(lines[:i] + [" " * (indent + shift) + stripped] + lines[i + 1 :])))
+    return out
+
+
+def test_when_a_yaml_error_is_moved_off_yamls_own_line_it_is_moved_to_the_line_that_is_wrong() -> None:
+    moved = 0
+    for changed, text in reindented((ROOT / "config" / "router.yaml").read_text()):
+        try:
+            yaml.load(text, Loader=yaml.CSafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            assert mark is not None
+            yamls_line = mark.line + 1
+        else:
+            continue
+        with pytest.raises(ConfigError) as info:
+            parse_config(text, "r.yaml", {})
+        (problem,) = info.value.problems
+        if problem.line != yamls_line:
+            moved += 1
+            assert problem.line == changed, f"line {changed} was shifted; the error names {problem}"
+    assert moved >= 10  # the rule does move errors: a shifted line reported one line too late
+
+
+def test_a_dedented_api_base_names_the_lines_it_disagrees_with() -> None:
+    text = textwrap.dedent(DEDENTED[0][0])
+    assert only(text) == (
+        "test.yaml:6: invalid YAML: this line is indented 2 spaces and the lines around it (5 and 7) 4: "
+        "indent it like them (YAML reads indentation as structure)"
+    )
+
+
+def test_a_target_without_a_provider_prefix_suggests_one() -> None:
+    text = BASE.replace("openrouter/gpt-4o-mini", "gpt-4o-mini")
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'targets:')}: aliases.chat.targets[1]: target 'gpt-4o-mini' must be written "
+        "'<provider>/<model>', e.g. 'openai/gpt-4o-mini' (providers: openai, openrouter)"
+    )
+
+
+def test_a_misspelt_provider_kind_is_an_error_with_a_suggestion() -> None:
+    text = minimal(providers="{p: {kind: opneai}}")
+    assert only(text) == (
+        f"test.yaml:{line_of(text, 'opneai')}: providers.p.kind: 'opneai' is not a LiteLLM provider "
+        "(did you mean 'openai'?)"
+    )
+
+
+def test_no_provider_of_the_installed_litellm_is_taken_for_a_typo() -> None:
+    import litellm
+
+    from router.config import LITELLM_PROVIDERS, _kind_typo
+
+    installed = {getattr(p, "value", p) for p in litellm.provider_list}
+    assert [p for p in sorted(installed) if _kind_typo(p) is not None] == []
+    assert installed >= LITELLM_PROVIDERS  # the list names real providers
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic", "openrouter", "gemini", "azure", "ollama", "vllm", "my-own"])
+def test_known_and_unknown_but_unlike_any_provider_kinds_load(kind: str) -> None:
+    assert parse(minimal(providers=f"{{p: {{kind: {kind}}}}}")).targets("a")[0].kind == kind
+
+
+# --- no error echoes a secret ------------------------------------------------------------------------------
+
+# Shaped like a real OpenAI project key (the kind people paste): it must never appear in an error.
+REAL_KEY = "sk-proj-" + "Xq3v9LrT0bKpZ2mW7sYcN4dH8fJ1aG6eU5iO0pQzR3tV7xB2nM9kL4jH6gF1dS8aW2eR5tY7uI0o" + "T3BlbkFJ"
+
+
+def assert_no_key(err: ConfigError, key: str = REAL_KEY) -> None:
+    text = str(err) + repr(err) + "".join(p.key_path + p.message for p in err.problems)
+    assert key not in text
+    # nor any stretch of it long enough to matter
+    assert not any(key[i : i + 12] in text for i in range(len(key) - 12))
+
+
+def config_error(text: str, env: dict[str, str] | None = None) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "test.yaml", env={} if env is None else env)
+    return info.value
+
+
+def test_a_key_pasted_as_a_target_is_not_echoed_and_the_mistake_is_named() -> None:
+    text = BASE.replace("openrouter/gpt-4o-mini", f'"{REAL_KEY}"')
+    err = config_error(text)
+    assert_no_key(err)
+    assert str(err) == (
+        f"test.yaml:{line_of(text, 'targets:')}: aliases.chat.targets[1]: holds what looks like an API key (not shown):"
+        " a target is '<provider>/<model>'; put the key in providers.NAME.api_key, as \"${ENV_VAR}\""
+    )
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        f"{{provider: openai, model: {REAL_KEY}}}",
+        f"{{provider: {REAL_KEY}, model: gpt-4o}}",
+        f"openai/{REAL_KEY}",
+        f"{{target: {REAL_KEY}, weight: 1}}",
+    ],
+    ids=["model", "provider", "short-model", "tier-member"],
+)
+def test_a_key_in_a_provider_or_model_field_is_an_error_that_does_not_echo_it(target: str) -> None:
+    text = BASE.replace("openrouter/gpt-4o-mini", target)
+    err = config_error(text, {"OPENAI_KEY": "k"})
+    assert_no_key(err)
+    assert "looks like an API key (not shown)" in str(err)
+    assert all(p.line == line_of(text, "targets:") for p in err.problems)
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "where"),
+    [
+        ('"${PASTED}"', "aliases.chat.targets[1]"),
+        ('{provider: "${PASTED}", model: m}', "aliases.chat.targets[1]"),
+    ],
+)
+def test_a_value_from_an_env_var_is_shown_as_the_reference_never_its_value(yaml_value: str, where: str) -> None:
+    text = BASE.replace("openrouter/gpt-4o-mini", yaml_value)
+    err = config_error(text, {"PASTED": REAL_KEY, "OPENAI_KEY": "k"})
+    assert_no_key(err)
+    assert all(p.key_path == where for p in err.problems)
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        (BASE.replace("openrouter/gpt-4o-mini", '"${T}"'), "target '${T}' must be written '<provider>/<model>'"),
+        (BASE.replace("openrouter/gpt-4o-mini", '"${T}/gpt-4o"'), "provider '${T}' is not defined"),
+        (BASE + 'defaults: {model: "${T}"}\n', "alias '${T}' is not defined"),
+        (BASE + 'defaults: {fallback_on: ["${T}"]}\n', "'${T}' is not a failure outcome"),
+    ],
+    ids=["target", "provider", "default-model", "fallback-on"],
+)
+def test_an_env_value_that_is_no_secret_is_not_echoed_either(text: str, shown: str) -> None:
+    err = config_error(text, {"T": "hunter2", "OPENAI_KEY": "k"})
+    assert "hunter2" not in str(err)
+    assert shown in str(err)
+
+
+def test_a_provider_or_alias_named_with_a_key_is_refused_without_echoing_it() -> None:
+    text = f"version: 1\nproviders:\n  {REAL_KEY}: {{kind: openai}}\naliases:\n  chat: {{targets: [{REAL_KEY}/m]}}\n"
+    err = config_error(text)
+    assert_no_key(err)
+    assert "looks like an API key" in str(err)
+
+
+def test_a_huge_value_is_not_echoed_whole() -> None:
+    text = BASE.replace("openrouter/gpt-4o-mini", "x" * 100_000 + "/m")
+    got = only(text)
+    assert len(got) < 400 and "provider 'xxxx" in got
+
+
+def test_a_file_with_thousands_of_problems_reports_the_first_ones_and_counts_the_rest() -> None:
+    text = BASE.replace("[openai/gpt-4o, openrouter/gpt-4o-mini]", "[" + ", ".join(["gpt"] * 5000) + "]")
+    got = problems(text)
+    assert len(got) == 101
+    assert got[-1] == "test.yaml: ... and 4,900 more problems (fix these first)"
+    assert all(g.startswith("test.yaml:7: aliases.chat.targets[") for g in got[:100])

@@ -717,3 +717,61 @@ def test_reload_of_bad_files_from_another_thread_while_threads_call_fails_none(
     assert all(res.text == "a:model-a" for res in results)
     assert reloads(registry, "error") == len(outcomes) and reloads(registry, "success") == 0
     assert grew < 50, f"resident memory grew {grew:.0f} MB while the bad files were rejected"
+
+
+class Heartbeat:
+    """A thread that wakes every 5 ms; `.longest` is the longest it ever waited for its turn (the GIL)."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.is_set():
+            time.sleep(0.005)
+            now = time.perf_counter()
+            self.longest = max(self.longest, now - last)
+            last = now
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.longest
+
+
+HOSTILE_4MIB = {
+    # one scalar of `${A:-` with no closing brace: the issue's file, quadratic until the scan was made linear
+    "dollar-default": "version: 1\nx: '" + "${A:-" * ((MAX_CONFIG_BYTES - 64) // 5) + "'\n",
+    # as many aliases as the node limit lets through, each naming a provider that is not there
+    "unknown-providers": "version: 1\nproviders:\n"
+    + "".join(f"  prov{i}: {{kind: openai}}\n" for i in range(16_000))
+    + "aliases:\n"
+    + "".join(f"  al{i}: {{targets: [nope{i}/m]}}\n" for i in range(30_000)),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_4MIB))
+def test_a_watching_router_reloading_a_hostile_file_keeps_its_threads_running_and_serves(
+    name: str, live: tuple[Path, Callable[..., Router]], up: Upstream, registry: CollectorRegistry
+) -> None:
+    path, make = live
+    up.set_default("a", Reply(text="served"))
+    r = make(watch=True, poll_s=0.02)
+    assert r.generate("warm up").text == "served"  # LiteLLM's first import holds the GIL for a while: not ours
+    good_sha = r.config.sha256
+    text = HOSTILE_4MIB[name]
+    assert len(text.encode()) < MAX_CONFIG_BYTES
+    heartbeat = Heartbeat()
+    tmp = path.with_name("incoming.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    rejected = wait_until(lambda: reloads(registry, "error") == 1, 30)
+    served = r.generate("during")  # a call made right after the reload still gets its answer
+    longest = heartbeat.stop()
+    assert rejected, "the hostile file was not rejected within 30 s"
+    assert r.config.sha256 == good_sha and served.text == "served"
+    # The issue saw 12.6 s: a reload held the GIL in one regex call. Linear Python work lets go every 5 ms.
+    assert longest < 0.5, f"a thread waited {longest:.2f}s for its turn while the file was checked"

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from conftest import standard_config, standard_env
 from hypothesis import HealthCheck, given, settings
@@ -224,3 +227,161 @@ def test_the_seeds_of_the_mutations_load() -> None:
     # the mutations start from configs that load, so they probe the schema, not only the YAML parser
     assert loads_or_config_error(SEEDS[0], standard_env()) is not None
     assert loads_or_config_error(SEEDS[2], {}) is not None
+
+
+# -- linear time: whatever a file holds, checking it costs time in proportion to its size ----------------------
+
+# CPU seconds of the checking thread per MB: about twice what the worst file costs today, and what it costs,
+# not what a busy machine adds (on a shared 2-core machine wall time measures the neighbours). Before the
+# checks were made linear, 1 MB of `${A:-` took minutes.
+SECONDS_PER_MB = 2.0
+MB = 1_000_000
+HEAD = "version: 1\nproviders:\n  p: {kind: openai, api_key: '${KEY:-x}'}\naliases:\n  chat: {targets: [p/m]}\n"
+# Pieces that, repeated, have each cost a super-linear path: a `${` scan, a regex that backtracks, a search
+# for a closing brace, a did-you-mean over thousands of names, a line lookup, an echo of a huge value.
+HOSTILE = [
+    *("${A:-", "${", "${A", "${A}", "${A:-x}", "$", "$$", "$${", "}", ":-", "{", "[", "a", "A1", "_", "0", "1:"),
+    *(".", "-", " ", ",", "\\", "'", "sk-live-", "\n", "\t", "#", "&a ", "*a ", "<<: ", "? ", "- ", ": "),
+]
+
+
+def _in_place(place: str, s: str) -> str:
+    """The hostile string `s` where a config holds text: a value, a key, a target, a key pool, a list, a block."""
+    single = s.replace("'", "''")
+    double = s.replace("\\", "\\\\").replace('"', '\\"')
+    if place == "value":
+        return HEAD + f"x: '{single}'\n"
+    if place == "plain":
+        return HEAD + f"x: {s}\n"
+    if place == "key":
+        return HEAD + f"'{single}': 1\n"
+    if place == "target":
+        return HEAD.replace("[p/m]", f'["{double}"]')
+    if place == "api_key":
+        return HEAD.replace("'${KEY:-x}'", f"'{single}'")
+    if place == "fallback_on":
+        return HEAD + f"defaults: {{fallback_on: ['{single}']}}\n"
+    if place == "system":
+        return HEAD.replace("[p/m]}", "[p/m], system: |\n      " + s.replace("\n", "\n      ") + "\n    }")
+    return "version: 1\n" + s  # "raw": the text is the file
+
+
+@st.composite
+def hostile_text(draw: st.DrawFn, size: int = MB) -> str:
+    """About `size` bytes of one to three hostile pieces, repeated, somewhere a config holds text."""
+    unit = "".join(draw(st.lists(st.sampled_from(HOSTILE), min_size=1, max_size=3)))
+    place = draw(st.sampled_from(["value", "plain", "key", "target", "api_key", "fallback_on", "system", "raw"]))
+    return _in_place(place, unit * (size // len(unit)))
+
+
+@st.composite
+def hostile_structure(draw: st.DrawFn, size: int = MB) -> str:
+    """About `size` bytes of many entries: aliases, providers, keys, prices, budgets, each perhaps wrong."""
+    what = draw(st.sampled_from(["aliases", "providers", "pool", "pricing", "budgets", "fallback_on", "keys"]))
+    name = draw(st.sampled_from(["n", "name-" * 10, "x" * 200]))  # long names make did-you-mean dear
+    bad = draw(st.booleans())
+    entries: list[str] = []
+    total = 0
+    i = 0
+    while total < size:
+        if what == "aliases":
+            entry = f"  {name}{i}: {{targets: [{'nope' if bad else 'p'}{i}/m]}}\n"
+        elif what == "providers":
+            entry = f"  {name}{i}: {{kind: {'opneai' if bad else 'openai'}, api_key: '${{K{i}}}'}}\n"
+        elif what == "pool":
+            entry = f"{{name: {name}{i % 7 if bad else i}, key: '${{K{i}}}'}}, "
+        elif what == "pricing":
+            entry = f"  p/{name}{i}: {{input_per_1m: {'$1' if bad else 1}, output_per_1m: 1}}\n"
+        elif what == "budgets":
+            entry = f"  - {{name: b{i}, period: day, limit_usd: 1, key: {name}{i}}}\n"
+        elif what == "fallback_on":
+            entry = f"{'rate_limtd' if bad else 'rate_limit'}{name if bad else ''}, "
+        else:  # unknown keys, each a did-you-mean
+            entry = f"  {'targest' if bad else name}{i}: 1\n"
+        entries.append(entry)
+        total += len(entry)
+        i += 1
+    body = "".join(entries)
+    if what == "aliases":
+        providers = "".join(f"  p{j}: {{kind: openai}}\n" for j in range(i))
+        return f"version: 1\nproviders:\n{providers}aliases:\n{body}"
+    if what == "providers":
+        return f"version: 1\nproviders:\n{body}aliases:\n  chat: {{targets: [{name}0/m]}}\n"
+    if what == "pool":
+        pool = f"version: 1\nproviders:\n  p: {{kind: openai, api_key: [{body}]}}\n"
+        return pool + "aliases:\n  chat: {targets: [p/m]}\n"
+    if what == "pricing":
+        return HEAD + f"pricing:\n{body}"
+    if what == "budgets":
+        pool = ", ".join(f"{{name: {name}{j}, key: k}}" for j in range(0, i, 2))
+        return HEAD.replace("'${KEY:-x}'", f"[{pool}]") + f"ledger: {{}}\nbudgets:\n{body}"
+    if what == "fallback_on":
+        return HEAD + f"defaults: {{fallback_on: [{body}]}}\n"
+    return HEAD.replace("chat: {targets: [p/m]}", "chat:\n    targets: [p/m]\n" + textwrap.indent(body, "  "))
+
+
+def checked_within(text: str, seconds: float) -> None:
+    """parse_config answers (a config or a ConfigError of bounded size) within `seconds` of CPU time."""
+    started = time.thread_time()
+    try:
+        parse_config(text, "fuzz.yaml", {"KEY": "k"})
+    except ConfigError as exc:
+        assert len(str(exc)) < 64_000, "a ConfigError should not echo the file back"
+    took = time.thread_time() - started
+    assert took < seconds, f"{len(text):,} bytes took {took:.2f}s of CPU (starts {text[:80]!r})"
+
+
+LINEAR = settings(SETTINGS, max_examples=12)
+
+
+@LINEAR
+@given(text=hostile_text())
+def test_a_megabyte_of_hostile_text_anywhere_is_checked_in_linear_time(text: str) -> None:
+    checked_within(text, SECONDS_PER_MB * len(text) / MB)
+
+
+@LINEAR
+@given(text=hostile_structure())
+def test_a_megabyte_of_hostile_entries_is_checked_in_linear_time(text: str) -> None:
+    checked_within(text, SECONDS_PER_MB * len(text) / MB)
+
+
+# Each was super-linear once (measured at 200 KB: 46 s, 56 s, 25 s, 62 s, 10 s); at 1 MB each is checked in time.
+@pytest.mark.parametrize(
+    "text",
+    [
+        _in_place("value", "${A:-" * (MB // 5)),
+        _in_place("target", "${A:-" * (MB // 5)),
+        "version: 1\nproviders:\n"
+        + "".join(f"  prov{i}: {{kind: openai}}\n" for i in range(MB // 60))
+        + "aliases:\n"
+        + "".join(f"  al{i}: {{targets: [nope{i}/m]}}\n" for i in range(MB // 60)),
+        "version: 1\nproviders:\n  a: {kind: openai, api_key: ["
+        + ",".join(f"{{name: k{i}, key: x{i}}}" for i in range(MB // 60))
+        + "]}\naliases:\n"
+        + "".join(f"  al{i}: {{targets: [a/m]}}\n" for i in range(MB // 60)),
+        "version: 1\nledger: {}\nproviders:\n  a: {kind: openai, api_key: ["
+        + ",".join(f"{{name: k{i}, key: x{i}}}" for i in range(MB // 60))
+        + "]}\naliases:\n  c: {targets: [a/m]}\nbudgets:\n"
+        + "".join(f"  - {{name: b{i}, period: day, limit_usd: 1, key: k{i}}}\n" for i in range(MB // 60)),
+        "version: 1\nproviders:\n  a: {kind: openai, api_key: ["
+        + ",".join(f"{{name: k{i % 5}, key: x{i}}}" for i in range(MB // 25))
+        + "]}\naliases:\n  c: {targets: [a/m]}\n",
+        "version: 1\nproviders:\n  a: {kind: openai}\naliases:\n  chat: {targets: ['" + "p" * MB + "/m']}\n",
+    ],
+    ids=[
+        *("dollar-default", "dollar-default-target", "unknown-providers", "key-pool", "budget-keys"),
+        *("pool-names", "long-provider"),
+    ],
+)
+def test_what_was_once_quadratic_is_checked_in_linear_time(text: str) -> None:
+    checked_within(text, SECONDS_PER_MB * len(text) / MB)
+
+
+@pytest.mark.parametrize("unit", ["${A:-", "${", "$$", "a"])
+def test_a_file_just_under_the_size_limit_is_checked_in_linear_time(unit: str) -> None:
+    from router.config import MAX_CONFIG_BYTES
+
+    text = _in_place("value", unit * ((MAX_CONFIG_BYTES - 200) // len(unit)))
+    assert len(text.encode()) < MAX_CONFIG_BYTES
+    checked_within(text, SECONDS_PER_MB * len(text) / MB)

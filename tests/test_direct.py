@@ -391,7 +391,26 @@ def _outcomes(
     """(outcome, status, what came) of one call per case, on `kind`'s provider, sent by `engine`."""
     r = make_router(PARITY.replace("retry: {attempts: 1}", f"retry: {{attempts: 1}}\n  engine: {engine}"))
     out: dict[str, tuple[str, int | None, Any]] = {}
-    for name, reply in cases.items():
+    # LiteLLM leaves the stream of a call that failed in a reference cycle; collected by whichever thread the
+    # collector next runs in, it closes its response there, and a thread inside httpcore's pool lock then waits
+    # for that lock forever (seen: a stream's reader thread, hung). So the collector runs only here, between
+    # cases, where no request holds a lock; frozen once the first call has loaded everything, the heap LiteLLM
+    # came with costs these collections nothing.
+    gc.disable()
+    try:
+        return _each_case(r, up, kind, cases, stream, out)
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
+def _each_case(
+    r: Router, up: Upstream, kind: str, cases: dict[str, Reply], stream: bool, out: dict[str, Any]
+) -> dict[str, tuple[str, int | None, Any]]:
+    for i, (name, reply) in enumerate(cases.items()):
+        gc.collect()
+        if i == 1:
+            gc.freeze()
         up.reset()
         up.enqueue(kind, reply)
         try:

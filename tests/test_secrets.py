@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from router import AllTargetsFailedError, ConfigError, ProviderError, Result, Router, parse_config
 from router.sandbox import Reply, Upstream
-from router.secrets import config_secrets, redact_url, url_secrets
+from router.secrets import redact_url, url_secrets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -310,17 +310,17 @@ ledger: {dsn: "host=127.0.0.1 user=llm password='${PG_PW}' dbname=llm"}
 """
 
 
-def test_config_secrets_are_keys_header_values_from_env_and_url_credentials() -> None:
+def test_a_configs_secrets_are_keys_header_values_from_env_and_url_credentials() -> None:
     env = {**ENV, "TOKEN": TOKEN, "SHORT": "abc", "REDIS_PW": "redis-secret-13579", "PG_PW": "pg-secret-112233"}
     cfg = parse_config(ALL_SOURCES, "all.yaml", env=env)
 
-    secrets = set(config_secrets(cfg))
+    secrets = set(cfg.secrets())
 
     assert {KEY_A, KEY_B, HELI, PW, TOKEN, "org-default-1234", "redis-secret-13579", "pg-secret-112233"} <= secrets
     assert {"literal-key-in-the-file", BASIC} <= secrets  # a credential's header name; Basic auth of api_base
     assert "not a secret at all" not in secrets and "abc" not in secrets  # a literal; too short to scrub
     assert "2024-06-01" not in secrets  # api-version is no credential
-    lengths = [len(s) for s in config_secrets(cfg)]
+    lengths = [len(s) for s in cfg.secrets()]
     assert lengths == sorted(lengths, reverse=True)  # one secret holding another is replaced whole
 
 

@@ -31,40 +31,43 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..answers import (
+    Answer,
+    Chunk,
+    ContentFiltered,
+    EmptyStream,
+    FirstTextTimeout,
+    InvalidResponse,
+    StreamLimits,
+    StreamStalled,
+)
+
 if TYPE_CHECKING:
     from ..config import Target
     from ..streams import StreamState
     from ..types import Usage
 
-
-class InvalidResponse(Exception):
-    """A 2xx answer the router cannot use (not JSON, no choices, no message, a structured answer that does not
-    validate): retried, then fallen back from, as `invalid_response`."""
-
-
-class ContentFiltered(InvalidResponse):
-    """A 2xx answer the provider's content filter stopped (`finish_reason: content_filter`)."""
-
-
-class EmptyStream(InvalidResponse):
-    """A stream that ended before any content: as unusable as an empty answer."""
-
-
-class FirstTextTimeout(TimeoutError):
-    """No content came within the first-text limit of the request, whatever else did (keep-alives, reasoning)."""
-
-
-class StreamStalled(TimeoutError):
-    """After its first content, a stream sent no more within the idle limit, or outlasted the call's deadline."""
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """How long a stream may take, in seconds from its request: to its first content, between contents, in all."""
-
-    first_text_s: float
-    idle_s: float
-    total_s: float
+__all__ = [
+    "DEFAULT_ENGINE",
+    "DIRECT_KINDS",
+    "ENGINES",
+    "Answer",
+    "Chunk",
+    "ContentFiltered",
+    "EmptyStream",
+    "Engine",
+    "Failure",
+    "FirstTextTimeout",
+    "InvalidResponse",
+    "Send",
+    "StreamLimits",
+    "StreamSource",
+    "StreamStalled",
+    "classify_common",
+    "direct_problem",
+    "engine_for",
+    "get_engine",
+]
 
 
 @dataclass(frozen=True)
@@ -81,32 +84,6 @@ class Send:
     def stream(self) -> bool:
         """Whether the body asks for a stream."""
         return bool(self.body.get("stream"))
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the router takes from a successful, complete answer."""
-
-    text: str
-    usage: Usage
-    finish_reason: str | None
-    provider_cost: float | None  # the cost the provider reported (OpenRouter's usage.cost)
-    model: str | None = None  # the model the provider says answered
-    tool_calls: tuple[Mapping[str, Any], ...] = ()  # OpenAI-shaped: {id, type: function, function: {name, arguments}}
-    raw: Any = None  # the engine's own response object
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """One event of a stream, as every engine reports it."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    usage: Usage | None = None  # only usage the provider itself reported
-    provider_cost: float | None = None
-    model: str | None = None
-    tool_calls: tuple[Mapping[str, Any], ...] = ()  # OpenAI tool-call deltas: {index, id?, function: {...}}
-    reasoning: str = ""  # reasoning text some models stream before the answer (not answer text)
 
 
 class StreamSource(Protocol):

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import httpx
     import openai
 
-    from .. import Router
+    from ..client import Router
 
 
 def openai_client(

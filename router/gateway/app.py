@@ -36,7 +36,7 @@ from .protocol import ChatRequest, GatewayError
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from .. import AsyncStream, Router
+    from ..client import AsyncStream, Router
     from ..config import GatewayConfig, GatewayKeyConfig
     from ..types import Result
 

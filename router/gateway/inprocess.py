@@ -24,7 +24,7 @@ from .app import Gateway, Message
 if TYPE_CHECKING:
     import openai
 
-    from .. import Router
+    from ..client import Router
 
 from . import BASE_URL
 
@@ -218,7 +218,7 @@ class InProcessTransport(httpx.BaseTransport):
 def _gateway(router: Router | str | os.PathLike[str]) -> tuple[Gateway, bool]:
     """A Gateway on `router`, or on a Router made from the config file at that path (then owned: closed with
     the client)."""
-    from .. import Router
+    from ..client import Router
 
     if isinstance(router, Router):
         return Gateway(router), False

@@ -83,7 +83,7 @@ def workers_note(cfg: RouterConfig, workers: int) -> str | None:
 
 def gateway_app(opts: ServeOptions) -> Any:
     """The app of one server process: a Router on the config file, and the Gateway over it."""
-    from .. import Router
+    from ..client import Router
     from .app import Gateway
 
     router = Router.from_yaml(opts.config, watch=opts.watch)

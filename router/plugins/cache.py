@@ -190,15 +190,80 @@ CREATE INDEX IF NOT EXISTS answers_used_at ON answers (used_at);
 """
 
 
-class FileStore:
-    """Answers in a SQLite file that every worker of a host shares, bounded in entries and bytes.
-
-    Reads are done on the caller's thread (off the event loop under agenerate()); writes, touches and
-    evictions go to one background thread, so `put` never blocks a call. Each process bounds the file after
-    its own writes, so the bounds hold within what the other workers write in between.
-    """
+class _QueuedStore:
+    """What the shared stores have in common: reads on the caller's thread (off the event loop under agenerate()),
+    and writes queued to one background thread, so that `put` never blocks a call."""
 
     blocking = True
+    max_bytes: int
+
+    def _start_writer(self) -> None:
+        self._jobs: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_loop, name="llm-router-cache-writer", daemon=True)
+        self._writer.start()
+
+    def put(self, key: str, value: bytes, expires_at: float) -> None:
+        """Queue `value` for storing until `expires_at` (unix time); a value over `max_bytes` is not stored."""
+        if len(key) + len(value) <= self.max_bytes and not self._closed:
+            self._jobs.put(("put", (key, value, expires_at)))
+
+    def delete(self, key: str) -> None:
+        """Queue the removal of `key`."""
+        if not self._closed:
+            self._jobs.put(("delete", (key,)))
+
+    def flush(self) -> None:
+        """Wait until every queued write is done."""
+        self._jobs.join()
+
+    def close(self) -> None:
+        """Finish the queued writes, stop the writer and close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        self._jobs.put(None)
+        self._writer.join(timeout=10)
+        self._disconnect()
+
+    def _write_loop(self) -> None:
+        conn = self._writer_connect()
+        try:
+            while True:
+                job = self._jobs.get()
+                try:
+                    if job is None:
+                        return
+                    self._apply(conn, *job)
+                except Exception as exc:
+                    self._write_failed(exc)
+                finally:
+                    self._jobs.task_done()
+        finally:
+            self._writer_disconnect(conn)
+
+    def _writer_connect(self) -> Any:
+        return None
+
+    def _writer_disconnect(self, conn: Any) -> None:
+        pass
+
+    def _apply(self, conn: Any, op: str, args: tuple[Any, ...]) -> None:
+        raise NotImplementedError
+
+    def _write_failed(self, exc: Exception) -> None:
+        raise exc
+
+    def _disconnect(self) -> None:
+        pass
+
+
+class FileStore(_QueuedStore):
+    """Answers in a SQLite file that every worker of a host shares, bounded in entries and bytes.
+
+    Writes, touches and evictions go to the background writer. Each process bounds the file after its own writes,
+    so the bounds hold within what the other workers write in between.
+    """
 
     def __init__(self, path: str | Path, max_entries: int = 10_000, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.path = Path(path)
@@ -208,10 +273,7 @@ class FileStore:
         self._local = threading.local()
         with contextlib.closing(self._connect()) as db:
             db.executescript(_SCHEMA)
-        self._jobs: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="llm-router-cache-writer", daemon=True)
-        self._writer.start()
-        self._closed = False
+        self._start_writer()
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
@@ -233,48 +295,23 @@ class FileStore:
         self._jobs.put(("touch", (key, now)))
         return bytes(row[0])
 
-    def put(self, key: str, value: bytes, expires_at: float) -> None:
-        """Queue `value` for storing; the writer then evicts until the bounds hold."""
-        if len(key) + len(value) <= self.max_bytes and not self._closed:
-            self._jobs.put(("put", (key, value, expires_at)))
+    def _writer_connect(self) -> sqlite3.Connection:
+        return self._connect()
 
-    def delete(self, key: str) -> None:
-        """Queue the removal of `key`."""
-        if not self._closed:
-            self._jobs.put(("delete", (key,)))
+    def _writer_disconnect(self, conn: sqlite3.Connection) -> None:
+        conn.close()
 
-    def flush(self) -> None:
-        """Wait until every queued write is done."""
-        self._jobs.join()
-
-    def close(self) -> None:
-        """Finish the queued writes and stop the writer."""
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
-        self._writer.join(timeout=10)
+    def _disconnect(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
 
-    def _write_loop(self) -> None:
-        db = self._connect()
-        try:
-            while True:
-                job = self._jobs.get()
-                try:
-                    if job is None:
-                        return
-                    self._write(db, *job)
-                except sqlite3.Error:
-                    log.exception("response cache: writing to %s failed; the answer is not cached", self.path)
-                finally:
-                    self._jobs.task_done()
-        finally:
-            db.close()
+    def _write_failed(self, exc: Exception) -> None:
+        if not isinstance(exc, sqlite3.Error):
+            raise exc
+        log.error("response cache: writing to %s failed (%s); the answer is not cached", self.path, exc)
 
-    def _write(self, db: sqlite3.Connection, op: str, args: tuple[Any, ...]) -> None:
+    def _apply(self, db: sqlite3.Connection, op: str, args: tuple[Any, ...]) -> None:
         if op == "touch":
             db.execute("UPDATE answers SET used_at = ? WHERE key = ?", (args[1], args[0]))
         elif op == "delete":
@@ -311,16 +348,13 @@ class FileStore:
             total -= freed
 
 
-class RedisStore:
+class RedisStore(_QueuedStore):
     """Answers in Redis, shared by a fleet: one string per answer under `prefix:cache:`, expiring with its ttl.
 
     Redis bounds its memory itself (its `maxmemory` and `maxmemory-policy`); this store only refuses an answer
-    bigger than `max_bytes`. Reads are one GET on the caller's thread (off the event loop under agenerate());
-    writes go through a background thread. Redis down: every lookup is a miss and every write is dropped, logged
-    once per outage, with the URL shown without its credentials. A call never fails because of the cache.
+    bigger than `max_bytes`. Redis down: every lookup is a miss and every write is dropped, logged once per
+    outage, with the URL shown without its credentials. A call never fails because of the cache.
     """
-
-    blocking = True
 
     def __init__(self, url: str, prefix: str, timeout_s: float, max_bytes: int = 64 * 1024 * 1024) -> None:
         import redis  # the `redis` extra, as for state.backend redis
@@ -333,10 +367,7 @@ class RedisStore:
         self._r: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._down = False
-        self._jobs: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="llm-router-cache-writer", daemon=True)
-        self._writer.start()
-        self._closed = False
+        self._start_writer()
 
     def get(self, key: str, now: float) -> bytes | None:
         """The live value under `key`; None if absent, expired, or Redis does not answer."""
@@ -348,48 +379,23 @@ class RedisStore:
         self._up()
         return bytes(raw) if raw is not None else None
 
-    def put(self, key: str, value: bytes, expires_at: float) -> None:
-        """Queue `value` for storing until `expires_at` (unix time)."""
-        if len(key) + len(value) <= self.max_bytes and not self._closed:
-            self._jobs.put(("put", (key, value, expires_at)))
-
-    def delete(self, key: str) -> None:
-        """Queue the removal of `key`."""
-        if not self._closed:
-            self._jobs.put(("delete", (key,)))
-
-    def flush(self) -> None:
-        """Wait until every queued write is done."""
-        self._jobs.join()
-
-    def close(self) -> None:
-        """Finish the queued writes, stop the writer and close the connections."""
-        if self._closed:
-            return
-        self._closed = True
-        self._jobs.put(None)
-        self._writer.join(timeout=10)
+    def _disconnect(self) -> None:
         self._r.close()
 
-    def _write_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                op, args = job
-                if op == "delete":
-                    self._r.delete(self.prefix + args[0])
-                else:
-                    key, value, expires_at = args
-                    ttl_ms = int((expires_at - time.time()) * 1000)
-                    if ttl_ms > 0:
-                        self._r.set(self.prefix + key, value, px=ttl_ms)
-                self._up()
-            except self._errors as exc:
-                self._failed(exc)
-            finally:
-                self._jobs.task_done()
+    def _write_failed(self, exc: Exception) -> None:
+        if not isinstance(exc, self._errors):
+            raise exc
+        self._failed(exc)
+
+    def _apply(self, conn: Any, op: str, args: tuple[Any, ...]) -> None:
+        if op == "delete":
+            self._r.delete(self.prefix + args[0])
+        else:
+            key, value, expires_at = args
+            ttl_ms = int((expires_at - time.time()) * 1000)
+            if ttl_ms > 0:
+                self._r.set(self.prefix + key, value, px=ttl_ms)
+        self._up()
 
     def _failed(self, exc: BaseException) -> None:
         if not self._down:
