@@ -474,6 +474,8 @@ class CallLoop:
             log.warning("%s: %s failed (%s), falling back", self.alias, target.key, failure.outcome)
             return step
         log.warning("%s: %s failed (%s): %s", self.alias, target.key, failure.outcome, failure.message)
+        if failure.outcome == "timeout" and clock() >= self.deadline:  # cut at the call's deadline, not its own
+            raise DeadlineExceededError(self.alias, self.attempts, self.plan.deadline_s) from cause
         if failure.outcome in fallback_on:
             raise AllTargetsFailedError(self.alias, self.attempts) from cause
         raise ProviderError(self.alias, self.attempts) from cause

@@ -27,6 +27,7 @@ import http
 import itertools
 import json as _json
 import random
+import selectors
 import socket
 import threading
 import time
@@ -54,7 +55,7 @@ class Reply:
 
     status: int = 200
     text: str | None = None  # completion text; None -> the route's text generator
-    delay_s: float = 0.0  # sleep before sending the headers
+    delay_s: float = 0.0  # wait before sending the headers (cut short, and nothing sent, if the client goes away)
     headers: dict[str, str] = field(default_factory=dict)  # e.g. {"Retry-After": "1"}
     json: Any = None  # if set, sent verbatim as the JSON body (overrides everything)
     raw: bytes | str | None = None  # if set, sent verbatim as the body (text/plain by default)
@@ -69,6 +70,10 @@ class Reply:
     error_event: bool = False  # streaming: after the content (or cut_after chunks of it) send an SSE error event
     no_finish: bool = False  # streaming: end the body cleanly after the content: no finish_reason, usage, [DONE]
     stream_usage: bool = True  # streaming (OpenAI): send the usage chunk when stream_options.include_usage asks
+    # Hostile upstreams, for deadlines: each wait ends early when the client goes away (or the upstream stops).
+    hang: bool = False  # read the request, then never answer: hold the connection until the client leaves
+    stall_s: float = 0.0  # send the headers, then nothing for this long, then the body
+    trickle_s: float = 0.0  # a plain (non-streamed) body: one byte at a time, this many seconds apart
 
 
 @dataclass
@@ -259,6 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "llm-router-sandbox/1 (SIMULATED)"
     timeout = 60  # idle keep-alive connections are closed after this
     server: _Server
+    reply: Reply | None = None  # the scripted reply of the request being answered
 
     # -- plumbing -------------------------------------------------------
     def setup(self) -> None:
@@ -305,9 +311,55 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
         self.wfile.flush()
+        reply = self.reply
+        if self.command == "HEAD" or (reply is not None and not self._stall(reply)):
+            return
+        if reply is not None and reply.trickle_s > 0:
+            self._trickle(body, reply.trickle_s)
+            return
+        self.wfile.write(body)
+        self.wfile.flush()
+
+    def _trickle(self, body: bytes, every_s: float) -> None:
+        """Send `body` one byte every `every_s` seconds, for as long as the client stays."""
+        for i in range(len(body)):
+            if not self._wait(every_s):
+                return
+            try:
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+            except OSError:  # the client went away between two bytes
+                self.close_connection = True
+                return
+
+    def _stall(self, reply: Reply) -> bool:
+        """The headers are out: send nothing for reply.stall_s; whether the client is still there."""
+        return reply.stall_s <= 0 or self._wait(reply.stall_s)
+
+    def _wait(self, seconds: float | None) -> bool:
+        """Send nothing for `seconds` (None: for as long as the client stays); whether the client is still there.
+
+        Unlike a sleep, this watches the connection: a client that gave up (closed it) ends the wait and the
+        handler at once, so `Upstream.open_connections` shows what clients still hold open.
+        """
+        end = None if seconds is None else time.monotonic() + seconds
+        with selectors.DefaultSelector() as sel:  # not select(): a test may hold over 1,024 sockets open
+            sel.register(self.connection, selectors.EVENT_READ)
+            while True:
+                left = None if end is None else end - time.monotonic()
+                if left is not None and left <= 0:
+                    return True
+                if not sel.select(1.0 if left is None else min(left, 1.0)):
+                    continue
+                try:
+                    data = self.connection.recv(1, socket.MSG_PEEK)
+                except OSError:  # reset by the client, or shut down by Upstream.stop()
+                    data = b""
+                if not data:  # the client closed the connection
+                    self.close_connection = True
+                    return False
+                time.sleep(0.05)  # the client sent more (a pipelined request): it is still there
 
     def _send_json(self, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
         self._send(status, _json.dumps(obj).encode(), "application/json", extra)
@@ -339,6 +391,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         up = self.server.upstream
+        self.reply = None
         raw = self._read_body()
         try:
             body = _json.loads(raw) if raw else None
@@ -385,8 +438,12 @@ class _Handler(BaseHTTPRequestHandler):
         reply = source(received) if callable(source) else source
         if reply.text is None:
             reply = _with_text(reply, route.text_fn(received))
-        if reply.delay_s > 0:
-            time.sleep(reply.delay_s)
+        self.reply = reply
+        if reply.hang:
+            self._wait(None)
+            return
+        if reply.delay_s > 0 and not self._wait(reply.delay_s):
+            return
         if reply.drop:
             self._drop()
             return
@@ -509,11 +566,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
+        if not self._stall(reply):
+            return
         try:
             for i, item in enumerate(items):
                 pause = pauses[i] if i < len(pauses) else 0.0
-                if pause > 0:
-                    time.sleep(pause)
+                if pause > 0 and not self._wait(pause):
+                    return
                 self._chunk(item)
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
@@ -532,6 +591,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.wfile.flush()
+        if not self._stall(reply):
+            return
         for i, frame in enumerate(frames):
             if cut_at is not None and i >= cut_at:
                 self._drop()
@@ -710,6 +771,12 @@ class Upstream:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections a client holds open to the server right now (idle keep-alive ones included)."""
+        with self._lock:
+            return len(self._conns)
 
     # -- scripting ------------------------------------------------------
     def route(self, name: str) -> Route:

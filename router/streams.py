@@ -5,10 +5,13 @@ time, keeps the text, tool calls, finish reason, usage and cost, and holds the s
 content must come within `first_text_s` of the request, then at most `idle_s` apart, and the whole stream within
 `total_s` (what was left of the call's deadline). Keep-alive comments, empty deltas and reasoning reset no timer.
 
-A blocking source is read on a daemon thread (`_Pump`), so that its reader can wait with a timeout: a provider
-that sends keep-alives, or trickles bytes, resets every socket timeout, so the blocking read itself cannot be
-bounded. `open_sync`/`open_async` read a new stream up to its first content, so that a failure before it can
-still fall back.
+A sync caller reads an async source through the background event loop (`read_on_loop`): each chunk is awaited
+there, held to the limits, and a stream closed or dropped unread is closed there at once, however silent its
+provider. No thread sits in a socket read: a thread blocked in `recv` wakes for no close from another thread,
+only for the provider's next byte. A blocking source (an engine with no async half) is read on a daemon thread
+(`_Pump`) instead, so that its reader can wait with a timeout: a provider that sends keep-alives, or trickles
+bytes, resets every socket timeout, so the blocking read itself cannot be bounded. `open_sync`/`open_async` read
+a new stream up to its first content, so that a failure before it can still fall back.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from . import background
 from .answers import Chunk, ContentFiltered, EmptyStream, FirstTextTimeout, InvalidResponse, StreamLimits, StreamStalled
 from .types import Usage
 
@@ -90,7 +94,29 @@ def _start_closer() -> None:
 
 def _close_forever() -> None:
     while True:
-        close_quietly(_closing.get())
+        source = _closing.get()
+        close_quietly(source)
+
+
+class _OnLoop:
+    """An async source read through the background loop, closed there (from any other thread)."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def close(self) -> None:
+        """Close the source on the loop; wait for it (a second at most: the loop may be busy)."""
+        background.run_on(background.background_loop(), _aclose_quietly(self.source)).result(timeout=CLOSE_WAIT_S)
+
+
+async def _aclose_quietly(source: Any) -> None:
+    try:
+        await source.aclose()
+    except Exception:  # already closed, or half-open: nothing more to free
+        pass
+
+
+CLOSE_WAIT_S = 1.0
 
 
 def close_later(thing: Any) -> None:
@@ -134,6 +160,7 @@ class StreamState:
         self.started = time.monotonic() if started is None else started
         self.last_text = self.started
         self._pump: _Pump | None = None
+        self._on_loop: weakref.finalize[Any, StreamState] | None = None  # read through the background loop
 
     @property
     def text(self) -> str:
@@ -199,6 +226,14 @@ class StreamState:
 
     def next_chunk(self) -> Chunk:
         """The next chunk of a blocking stream. Raises StopIteration at its end, TimeoutError past a limit."""
+        if self._on_loop is not None:
+            try:
+                more, chunk = background.run(self._step(), self._wait())
+            except background.AttemptTimeout:  # cancelled on the loop, where the step closes the stream
+                raise self.timed_out() from None
+            if not more:
+                raise StopIteration
+            return chunk  # type: ignore[no-any-return]
         pump = self._pump
         if pump is None:
             return next(self.source)  # type: ignore[no-any-return]
@@ -224,9 +259,24 @@ class StreamState:
         except asyncio.TimeoutError:
             raise self.timed_out() from None
 
+    async def _step(self) -> tuple[bool, Chunk | None]:
+        """On the background loop: the next chunk (False at the end); a stream that broke, or ran past a limit,
+        is closed before its error goes back to the reader."""
+        try:
+            return True, await self.anext_chunk()
+        except StopAsyncIteration:
+            return False, None
+        except BaseException:  # an error, a limit passed, or cancelled by the reader's own clock
+            if self._on_loop is not None and self._on_loop.detach() is not None:
+                await self.aclose()
+            raise
+
     def close(self) -> None:
         """Release the HTTP response of an abandoned stream (best effort)."""
-        if self._pump is not None:
+        if self._on_loop is not None:
+            if self._on_loop.detach() is not None:  # not closed yet
+                close_quietly(_OnLoop(self.source))
+        elif self._pump is not None:
             self._pump.stop()
         else:
             close_quietly(self.source)
@@ -341,6 +391,15 @@ def open_sync(open_source: Callable[[], Any], limits: StreamLimits | None = None
         raise state.timed_out()
     state.source = pump.source
     return _read_to_content(state)
+
+
+def read_on_loop(state: StreamState) -> StreamState:
+    """Make `state`, opened by an async engine on the background loop, readable by a sync caller: its chunks
+    are awaited on that loop, held to its limits; `close()` closes it there, and so does the closer thread when
+    the state is dropped unread (never the garbage collector's thread, see `_closing`)."""
+    _start_closer()
+    state._on_loop = weakref.finalize(state, _closing.put, _OnLoop(state.source))
+    return state
 
 
 async def open_async(open_source: Callable[[], Awaitable[Any]], limits: StreamLimits | None = None) -> StreamState:

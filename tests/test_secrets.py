@@ -21,7 +21,7 @@ import pytest
 from conftest import KEY_A, KEY_B, MakeRouter
 from prometheus_client import CollectorRegistry, generate_latest
 
-from router import AllTargetsFailedError, ConfigError, ProviderError, Result, Router, parse_config
+from router import ConfigError, ProviderError, Result, Router, parse_config
 from router.sandbox import Reply, Upstream
 from router.secrets import redact_url, url_secrets
 
@@ -203,15 +203,23 @@ def test_an_echoed_api_base_password_is_in_no_error_log_or_output(
     assert not found, f"a secret shows: {found}"
 
 
-def test_an_api_base_with_a_password_fails_async_without_showing_it(
-    r: Router, registry: CollectorRegistry, logs: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+def test_an_api_base_with_a_password_works_async_without_showing_it(
+    r: Router,
+    up: Upstream,
+    registry: CollectorRegistry,
+    logs: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """LiteLLM's async transport (aiohttp) refuses a URL with credentials next to an Authorization header: the
-    request never leaves, and the connection error that says so must not carry the URL."""
-    with pytest.raises(AllTargetsFailedError) as info:
+    """LiteLLM's async transport (aiohttp) refuses a URL with credentials next to an Authorization header; the
+    engine sends them as the Basic header a blocking request would have, so async calls (and sync ones, which
+    now go through the same transport) reach the provider, and an echo of them is still scrubbed."""
+    up.enqueue("p", Reply(status=400, error=ECHO))
+
+    with pytest.raises(ProviderError) as info:
         asyncio.run(r.agenerate("hello", model="pw"))
 
-    assert [a.outcome for a in info.value.attempts] == ["connection"]
+    assert up.requests("p")[0].headers["authorization"] == f"Basic {BASIC}"
+    assert "***" in str(info.value)
     found = leaks({**error_places(info.value), **shown(r, registry, logs, capfd)})
     assert not found, f"a secret shows: {found}"
 
@@ -347,3 +355,12 @@ def test_a_configs_secrets_are_keys_header_values_from_env_and_url_credentials()
 def test_redact_url_and_url_secrets(url: str, redacted: str, secrets: list[str]) -> None:
     assert redact_url(url) == redacted
     assert set(url_secrets(url)) == set(secrets)  # (with Basic auth's encoding of an http URL's user:password)
+
+
+def test_api_base_credentials_become_the_basic_header_a_blocking_client_would_send() -> None:
+    from router.engines.litellm import split_credentials
+
+    assert split_credentials("https://gw.example/v1?api-key=k") == ("https://gw.example/v1?api-key=k", None)
+    url, header = split_credentials("https://us%40er:p%3Aw@gw.example:8443/v1?api-version=1")
+    assert url == "https://gw.example:8443/v1?api-version=1"
+    assert header == "Basic " + base64.b64encode(b"us@er:p:w").decode()

@@ -7,19 +7,23 @@ waits until a request is actually made: `import router` and `llm-router validate
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import contextlib
+import functools
 import logging
 import os
 import threading
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from .. import streams
+from .. import background, streams
 from ..policy import parse_retry_after
 from ..types import Usage
-from . import Answer, Chunk, ContentFiltered, Failure, InvalidResponse, Send, classify_common
+from . import Answer, Chunk, ContentFiltered, Failure, FirstTextTimeout, InvalidResponse, Send, classify_common
 
 if TYPE_CHECKING:
     from ..config import Target
@@ -68,6 +72,13 @@ def litellm() -> ModuleType:
     return _litellm
 
 
+# The attempt's bound is the router's own wall-clock timer (`_bounded`, `background.run`, the stream limits).
+# litellm's `timeout`, a bound on each socket read, stays behind it as a backstop, set later so that the two never
+# race: when litellm's fires first, it builds its exception on the event loop (a MidStreamFallbackError after a
+# read timeout took 0.06-1.4 s on these 2 cores), holding up every other request on the loop meanwhile.
+SOCKET_TIMEOUT_LAG_S = 1.0
+
+
 def request_kwargs(send: Send) -> dict[str, Any]:
     """The keyword arguments of one litellm.completion call. max_retries=0: the router owns retries.
 
@@ -78,15 +89,18 @@ def request_kwargs(send: Send) -> dict[str, Any]:
     kw: dict[str, Any] = {
         **send.body,
         "model": target.litellm_model,
-        "timeout": send.timeout_s,
+        "timeout": send.timeout_s + SOCKET_TIMEOUT_LAG_S,
         "max_retries": 0,
         "drop_params": True,
     }
     _note_dropped(target, send.body)
+    headers = dict(target.headers) if target.headers else {}
     if target.api_base:
-        kw["api_base"] = target.api_base
-    if target.headers:
-        kw["extra_headers"] = dict(target.headers)
+        kw["api_base"], basic = split_credentials(target.api_base)
+        if basic is not None:
+            headers["Authorization"] = basic
+    if headers:
+        kw["extra_headers"] = headers
     if send.api_key is not None:
         kw["api_key"] = send.api_key
     if send.body.get("tools"):
@@ -94,6 +108,24 @@ def request_kwargs(send: Send) -> dict[str, Any]:
         # package (only in litellm[proxy]) and so fails every call with tools; ours are plain functions.
         kw["_skip_mcp_handler"] = True
     return kw
+
+
+@functools.lru_cache(maxsize=256)
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """An api_base without its `user:password@`, and those as the Basic Authorization header they stand for.
+
+    A blocking httpx request turns them into that header itself; LiteLLM's async transport (aiohttp) refuses a
+    URL with credentials next to the Authorization header the provider's SDK sets, so the request never went
+    out. Sent as the header, both send the same bytes.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), f"Basic {token}"
 
 
 # Params the router itself sets on a request: never reported as the caller's dropped ones.
@@ -382,6 +414,20 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
+async def _bounded(aw: Any, seconds: float) -> Any:
+    """Await a litellm request for at most `seconds` of wall-clock time (litellm's own `timeout` bounds each
+    socket read, which a provider trickling bytes resets forever): past it, AttemptTimeout, the request
+    cancelled and its connection closed."""
+    try:
+        return await streams.within(aw, seconds)
+    except TimeoutError as exc:  # asyncio.TimeoutError is TimeoutError from 3.11
+        if type(exc) not in (TimeoutError, asyncio.TimeoutError):
+            raise  # litellm's own, or aiohttp's: the provider's timeout, with its message
+        raise background.AttemptTimeout(f"no complete answer within {seconds:.3g}s") from None
+    except asyncio.TimeoutError:  # Python 3.10, where it is not a TimeoutError
+        raise background.AttemptTimeout(f"no complete answer within {seconds:.3g}s") from None
+
+
 # -- the engine -----------------------------------------------------------------------------------------------
 
 
@@ -395,21 +441,26 @@ class LiteLLMEngine:
         litellm()
 
     def complete(self, send: Send) -> Answer:
-        """One blocking request."""
-        return read_response(complete(request_kwargs(send)))
+        """One blocking request, sent as the async one on the background loop: a blocking litellm call cannot be
+        held to a wall-clock bound (a trickled body resets every socket timeout), nor cancelled."""
+        return background.run(self.acomplete(send), send.timeout_s)  # type: ignore[no-any-return]
 
     async def acomplete(self, send: Send) -> Answer:
-        """One request on the running event loop."""
-        return read_response(await acomplete(request_kwargs(send)))
+        """One request on the running event loop, cancelled (AttemptTimeout) past `send.timeout_s`."""
+        return read_response(await _bounded(acomplete(request_kwargs(send)), send.timeout_s))
 
     def open_stream(self, send: Send) -> StreamState:
-        """Start a streamed request and read it up to its first content (see `streams.open_sync`)."""
-        kwargs = request_kwargs(send)
-
-        def open_source() -> _Source:  # not _quiet: litellm's stream wrapper logs as it is read
-            return _Source(litellm().completion(**kwargs))
-
-        return streams.open_sync(open_source, send.limits)
+        """Start a streamed request and read it up to its first content: the async stream, opened on the
+        background loop and read through it (see `streams.read_on_loop`), so that a stream closed or dropped
+        unread closes its connection at once, whatever the provider is doing."""
+        limits = send.limits
+        try:
+            state = background.run(self.aopen_stream(send), send.timeout_s if limits is None else limits.first_text_s)
+        except background.AttemptTimeout:  # the caller's clock ran out first: the same limit as the loop's
+            if limits is None:
+                raise
+            raise FirstTextTimeout(f"no text within {limits.first_text_s:g}s of the request") from None
+        return streams.read_on_loop(state)
 
     async def aopen_stream(self, send: Send) -> StreamState:
         """Async twin of `open_stream`."""
