@@ -5,6 +5,10 @@ no client library at all. The rest are litellm on its own, litellm's own Router,
 sends the same messages and the same litellm kwargs the router builds (model, api_base, api_key,
 max_retries=0, timeout), so any difference is the layer's own work.
 
+Beside them, for the direct engine (issue 17): the router on a target with `engine: direct` (alias
+`direct_engine`, the same upstream route), the official ``openai`` SDK, and bare ``httpx`` (the client the
+direct engine is built on), sync and async; and each of those streaming (`stream_variants`).
+
 Importing this module imports litellm: set ``LITELLM_LOCAL_MODEL_COST_MAP`` first (``bench.__main__``
 does), or litellm tries to download its price map.
 """
@@ -26,7 +30,9 @@ from urllib.parse import urlsplit
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import aiohttp
+import httpx
 import litellm
+import openai
 from prometheus_client import CollectorRegistry
 
 import router
@@ -47,12 +53,15 @@ defaults:
 {circuit_defaults}providers:
   ok:   {{kind: openai, api_base: "{url}/ok/v1", api_key: {key}}}
   fail: {{kind: openai, api_base: "{url}/fail/v1", api_key: {key}}}
+  okd:  {{kind: openai, api_base: "{url}/ok/v1", api_key: {key}, engine: direct}}
 {circuit_provider}aliases:
   direct:   {{targets: [ok/{model}]}}
   fallback: {{targets: [fail/{model}, ok/{model}]}}
+  direct_engine: {{targets: [okd/{model}]}}
 {circuit_alias}pricing:
   ok/{model}:   {{input_per_1m: 0.15, output_per_1m: 0.6}}
   fail/{model}: {{input_per_1m: 0.15, output_per_1m: 0.6}}
+  okd/{model}:  {{input_per_1m: 0.15, output_per_1m: 0.6}}
 {circuit_pricing}"""
 
 
@@ -126,6 +135,11 @@ class Clients:
         self.router = router.Router(self.config, registry=CollectorRegistry())
         self.session: aiohttp.ClientSession | None = None
         self.lrouter: Any = None
+        self.httpx_async: httpx.AsyncClient | None = None
+        self.openai_async: openai.AsyncOpenAI | None = None
+        self.httpx_sync = httpx.Client(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+        self.openai_sync = openai.OpenAI(base_url=self.ok_base, api_key=API_KEY, max_retries=0, timeout=TIMEOUT_S)
+        self._json_body = {"model": MODEL, "messages": MESSAGES}
         parts = urlsplit(url)
         self._conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=TIMEOUT_S)
         self._body = json.dumps({"model": MODEL, "messages": MESSAGES}).encode()
@@ -139,6 +153,9 @@ class Clients:
         included. So they are taken out again, and put back only around litellm.Router's own batches.
         """
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # The openai SDK's own defaults (1000 connections); httpx with the same pool the direct engine uses.
+        self.httpx_async = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200))
+        self.openai_async = openai.AsyncOpenAI(base_url=self.ok_base, api_key=API_KEY, max_retries=0, timeout=TIMEOUT_S)
         before = {name: list(getattr(litellm, name)) for name in CALLBACK_LISTS}
         self.lrouter = litellm.Router(
             model_list=[
@@ -176,6 +193,11 @@ class Clients:
         """Close the sessions this object opened."""
         if self.session is not None:
             await self.session.close()
+        for client in (self.httpx_async, self.openai_async):
+            if client is not None:
+                await client.close() if isinstance(client, openai.AsyncOpenAI) else await client.aclose()
+        self.httpx_sync.close()
+        self.openai_sync.close()
         self._conn.close()
 
     # -- the calls -----------------------------------------------------------------------------------------
@@ -221,6 +243,88 @@ class Clients:
     def router_sync(self) -> router.Result:
         return self.router.generate(messages=MESSAGES, model="direct")
 
+    def direct_async(self) -> Awaitable[router.Result]:
+        return self.router.agenerate(messages=MESSAGES, model="direct_engine")
+
+    def direct_sync(self) -> router.Result:
+        return self.router.generate(messages=MESSAGES, model="direct_engine")
+
+    async def openai_sdk_async(self) -> Any:
+        assert self.openai_async is not None
+        return await self.openai_async.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+
+    def openai_sdk_sync(self) -> Any:
+        return self.openai_sync.chat.completions.create(model=MODEL, messages=MESSAGES)  # type: ignore[arg-type]
+
+    async def httpx_post_async(self) -> Any:
+        assert self.httpx_async is not None
+        url = f"{self.ok_base}/chat/completions"
+        resp = await self.httpx_async.post(url, json=self._json_body, headers=self._headers)
+        resp.raise_for_status()
+        return resp.json()
+
+    def httpx_post_sync(self) -> Any:
+        resp = self.httpx_sync.post(f"{self.ok_base}/chat/completions", json=self._json_body, headers=self._headers)
+        resp.raise_for_status()
+        return resp.json()
+
+    # -- streamed: each reads a whole streamed answer (bench.upstream.STREAM_CHUNKS content chunks) ------------
+
+    async def litellm_stream_async(self) -> int:
+        stream = await litellm.acompletion(**self._litellm_kwargs(), stream=True)
+        return await _count(stream, _has_content)
+
+    async def router_stream_async(self) -> int:
+        stream = await self.router.agenerate(messages=MESSAGES, model="direct", stream=True)
+        return await _count(stream)
+
+    async def direct_stream_async(self) -> int:
+        stream = await self.router.agenerate(messages=MESSAGES, model="direct_engine", stream=True)
+        return await _count(stream)
+
+    def direct_stream_sync(self) -> int:
+        return sum(1 for _ in self.router.generate(messages=MESSAGES, model="direct_engine", stream=True))
+
+    async def openai_stream_async(self) -> int:
+        assert self.openai_async is not None
+        stream = await self.openai_async.chat.completions.create(
+            model=MODEL, messages=MESSAGES, stream=True  # type: ignore[arg-type]
+        )
+        return await _count(stream, _has_content)
+
+    async def httpx_stream_async(self) -> int:
+        """httpx with a minimal SSE reading: the floor of what parsing a stream costs in Python."""
+        assert self.httpx_async is not None
+        n = 0
+        body = {**self._json_body, "stream": True}
+        async with self.httpx_async.stream(
+            "POST", f"{self.ok_base}/chat/completions", json=body, headers=self._headers
+        ) as resp:
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                        n += 1
+        return n
+
+    def stream_variants(self) -> dict[str, Variant]:
+        """The streamed contenders: each call reads one whole streamed answer."""
+        vs = [
+            Variant("httpx_stream_async", "httpx stream + json per event (floor)", "async", "httpx_stream_async",
+                    self.httpx_stream_async),
+            Variant("openai_stream_async", "openai SDK stream", "async", "httpx_stream_async",
+                    self.openai_stream_async),
+            Variant("litellm_stream_async", "litellm.acompletion stream", "async", "httpx_stream_async",
+                    self.litellm_stream_async),
+            Variant("router_stream_async", "router.Router.agenerate stream (litellm engine)", "async",
+                    "httpx_stream_async", self.router_stream_async),
+            Variant("direct_stream_async", "router.Router.agenerate stream (direct engine)", "async",
+                    "httpx_stream_async", self.direct_stream_async),
+            Variant("direct_stream_sync", "router.Router.generate stream (direct engine)", "sync",
+                    "httpx_stream_async", self.direct_stream_sync),
+        ]  # fmt: skip
+        return {v.key: v for v in vs}
+
     def router_fallback_async(self) -> Awaitable[router.Result]:
         return self.router.agenerate(messages=MESSAGES, model="fallback")
 
@@ -237,11 +341,29 @@ class Clients:
                 self.attach_litellm_router, self.detach_litellm_router,
             ),
             Variant("router_async", "router.Router.agenerate", "async", "raw_async", self.router_async),
+            Variant("httpx_async", "httpx.AsyncClient POST", "async", "raw_async", self.httpx_post_async),
+            Variant("openai_async", "openai SDK (async)", "async", "raw_async", self.openai_sdk_async),
+            Variant("direct_async", "router.Router.agenerate, direct engine", "async", "raw_async", self.direct_async),
             Variant("raw_sync", "raw http.client POST (sync floor)", "sync", "raw_sync", self.raw_sync),
             Variant("litellm_sync", "litellm.completion", "sync", "raw_sync", self.litellm_sync),
             Variant("router_sync", "router.Router.generate", "sync", "raw_sync", self.router_sync),
+            Variant("httpx_sync", "httpx.Client POST", "sync", "raw_sync", self.httpx_post_sync),
+            Variant("openai_sync", "openai SDK (sync)", "sync", "raw_sync", self.openai_sdk_sync),
+            Variant("direct_sync", "router.Router.generate, direct engine", "sync", "raw_sync", self.direct_sync),
         ]
         return {v.key: v for v in vs}
+
+
+async def _count(stream: Any, keep: Callable[[Any], bool] = bool) -> int:
+    """How many items of an async stream `keep` takes (a streamed answer read to its end)."""
+    n = 0
+    async for item in stream:
+        n += 1 if keep(item) else 0
+    return n
+
+
+def _has_content(chunk: Any) -> bool:
+    return bool(chunk.choices and chunk.choices[0].delta.content)
 
 
 # -- letting litellm's deferred work finish ------------------------------------------------------------------

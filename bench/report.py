@@ -19,9 +19,24 @@ LABELS = {
     "raw_sync": "raw http.client POST (sync floor)",
     "litellm_sync": "litellm.completion",
     "router_sync": "router.Router.generate",
+    "httpx_async": "httpx.AsyncClient POST",
+    "openai_async": "openai SDK (async)",
+    "direct_async": "router.Router.agenerate, direct engine",
+    "httpx_sync": "httpx.Client POST",
+    "openai_sync": "openai SDK (sync)",
+    "direct_sync": "router.Router.generate, direct engine",
 }
-ASYNC = ["raw_async", "litellm_async", "litellm_router_async", "router_async"]
-SYNC = ["raw_sync", "litellm_sync", "router_sync"]
+ASYNC = ["raw_async", "litellm_async", "litellm_router_async", "router_async", "httpx_async", "openai_async",
+         "direct_async"]  # fmt: skip
+SYNC = ["raw_sync", "litellm_sync", "router_sync", "httpx_sync", "openai_sync", "direct_sync"]
+STREAM_LABELS = {
+    "httpx_stream_async": "httpx stream, json per event (floor)",
+    "openai_stream_async": "openai SDK stream",
+    "litellm_stream_async": "litellm.acompletion stream",
+    "router_stream_async": "Router.agenerate stream, litellm engine",
+    "direct_stream_async": "Router.agenerate stream, direct engine",
+    "direct_stream_sync": "Router.generate stream, direct engine",
+}
 
 
 @dataclass
@@ -125,6 +140,8 @@ def figures(res: dict[str, Any]) -> list[Figure]:
         "≥ 1.3×", _verdict(r_lr >= 1.3), r_lr,
     ))
 
+    figs += direct_figures(res)
+
     # Fallback.
     fb = res["fallback"]
     extra = statistics.median(fb["extra_s"])
@@ -223,6 +240,110 @@ def figures(res: dict[str, Any]) -> list[Figure]:
         ", ".join(f"{LABELS[k].split(' (')[0]} {c1[k]['rps']:.0f}/s" for k in ASYNC), "", "INFO",
     ))
     return figs
+
+
+def direct_figures(res: dict[str, Any]) -> list[Figure]:
+    """The direct engine against bare litellm, the openai SDK and httpx (issue 17's targets)."""
+    seq, s = res["sequential"], res["summary"]["sequential"]
+    if "direct_async" not in seq:
+        return []
+    figs = []
+    for mode, lit, sdk in (("async", "litellm_async", "openai_async"), ("sync", "litellm_sync", "openai_sync")):
+        d = f"direct_{mode}"
+        call = "agenerate" if mode == "async" else "generate"
+        r_lit = _ratios(seq[d]["cpu_s"], seq[lit]["cpu_s"])
+        r_sdk = _ratios(seq[d]["cpu_s"], seq[sdk]["cpu_s"])
+        httpx_ms = s[f"httpx_{mode}"]["cpu_ms"]
+        figs.append(Figure(
+            f"direct_cpu_{mode}_vs_litellm", f"client CPU per call, Router.{call} (direct engine) vs {LABELS[lit]}",
+            f"{r_lit:.3f}× litellm", f"{s[d]['cpu_ms']:.3f} ms vs {s[lit]['cpu_ms']:.3f} ms (httpx {httpx_ms:.3f} ms)",
+            "≤ 0.35×", _verdict(r_lit <= 0.35), r_lit,
+        ))
+        figs.append(Figure(
+            f"direct_cpu_{mode}_vs_openai", f"client CPU per call, Router.{call} (direct engine) vs {LABELS[sdk]}",
+            f"{r_sdk:.3f}× openai SDK", f"{s[d]['cpu_ms']:.3f} ms vs {s[sdk]['cpu_ms']:.3f} ms",
+            "≤ 1.3×", _verdict(r_sdk <= 1.3), r_sdk,
+        ))
+    conc = res["concurrent"].get("50", {})
+    if "direct_async" in conc:
+        r = _ratios(conc["direct_async"]["rps"], conc["litellm_async"]["rps"])
+        cs = res["summary"]["concurrent"]["50"]
+        figs.append(Figure(
+            "direct_throughput_c50", "throughput at concurrency 50, Router.agenerate (direct engine) vs litellm",
+            f"{r:.3f}× litellm", f"{cs['direct_async']['rps']:.0f} vs {cs['litellm_async']['rps']:.0f} calls/s "
+            f"(openai SDK {cs['openai_async']['rps']:.0f}, httpx {cs['httpx_async']['rps']:.0f})",
+            "≥ 2×", _verdict(r >= 2.0), r,
+        ))
+    streams = res.get("streams")
+    if streams:
+        from .upstream import STREAM_CHUNKS
+
+        per = {k: statistics.median(v["cpu_s"]) / STREAM_CHUNKS * 1e6 for k, v in streams.items()}
+        r = _ratios(streams["direct_stream_async"]["cpu_s"], streams["litellm_stream_async"]["cpu_s"])
+        figs.append(Figure(
+            "direct_stream_cpu_per_chunk", "streaming client CPU per chunk, Router.agenerate (direct engine)",
+            f"{r:.3f}× litellm", ", ".join(f"{STREAM_LABELS[k]} {v:.0f} µs" for k, v in per.items()), "", "INFO", r,
+        ))
+    eng = res.get("engines")
+    if eng:
+        d, li = eng["direct"], eng["litellm"]
+        figs.append(Figure(
+            "direct_import_first_call", "`import router` + the first call, fresh process: direct-only config vs "
+            "LiteLLM config", f"{d['import_and_first_s'] / li['import_and_first_s']:.3f}× litellm",
+            f"{d['import_and_first_s'] * 1e3:.0f} ms vs {li['import_and_first_s'] * 1e3:.0f} ms (litellm imported: "
+            f"{'yes' if d['litellm_imported'] else 'no'} vs {'yes' if li['litellm_imported'] else 'no'})",
+            "", "INFO", d["import_and_first_s"],
+        ))
+        figs.append(Figure(
+            "direct_rss_1000", "RSS after 1,000 calls, fresh process: direct-only config vs LiteLLM config",
+            f"{d['rss_1000'] / li['rss_1000']:.3f}× litellm",
+            f"{d['rss_1000'] / 2**20:.1f} MiB vs {li['rss_1000'] / 2**20:.1f} MiB (after the first call "
+            f"{d['rss_first'] / 2**20:.1f} vs {li['rss_first'] / 2**20:.1f} MiB)", "", "INFO", d["rss_1000"],
+        ))
+    return figs
+
+
+def engines_markdown(res: dict[str, Any]) -> list[str]:
+    """The Engines section of RESULTS.md: per call, streams, startup and memory, direct engine beside the rest."""
+    if "direct_async" not in res["sequential"]:
+        return []
+    s = res["summary"]["sequential"]
+    out = [
+        "",
+        "## Engines: the direct engine beside litellm, the openai SDK and httpx",
+        "",
+        "| Variant | CPU / call | vs litellm | vs openai SDK | p50 | calls/s (c=1) | calls/s (c=50) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    c50 = res["summary"]["concurrent"].get("50", {})
+    for mode in ("async", "sync"):
+        for k in (f"litellm_{mode}", f"router_{mode}", f"openai_{mode}", f"httpx_{mode}", f"direct_{mode}"):
+            r_lit = _ratios(res["sequential"][k]["cpu_s"], res["sequential"][f"litellm_{mode}"]["cpu_s"])
+            r_sdk = _ratios(res["sequential"][k]["cpu_s"], res["sequential"][f"openai_{mode}"]["cpu_s"])
+            rps50 = f"{c50[k]['rps']:.0f}" if k in c50 else "—"
+            out.append(f"| {LABELS[k]} | {s[k]['cpu_ms']:.3f} ms | {r_lit:.3f}× | {r_sdk:.3f}× | "
+                       f"{s[k]['p50_ms']:.3f} ms | {s[k]['rps']:.0f} | {rps50} |")
+    streams = res.get("streams")
+    if streams:
+        from .upstream import STREAM_CHUNKS
+
+        out += ["", f"Streamed answers ({STREAM_CHUNKS} content chunks each, written one event at a time):", "",
+                "| Variant | CPU / answer | CPU / chunk | vs litellm |", "|---|---|---|---|"]
+        for k, v in streams.items():
+            cpu = statistics.median(v["cpu_s"])
+            r = _ratios(v["cpu_s"], streams["litellm_stream_async"]["cpu_s"])
+            out.append(f"| {STREAM_LABELS[k]} | {cpu * 1e3:.3f} ms | {cpu / STREAM_CHUNKS * 1e6:.0f} µs | {r:.3f}× |")
+    eng = res.get("engines")
+    if eng:
+        out += ["", "Fresh processes, the same one-target config on each engine, priced by LiteLLM's model map:", "",
+                "| Config | import router | + first call | RSS after the first call | RSS after 1,000 calls "
+                "| litellm imported |", "|---|---|---|---|---|---|"]
+        for name in ("direct", "litellm"):
+            e = eng[name]
+            out.append(f"| engine: {name} | {e['import_s'] * 1e3:.0f} ms | {e['import_and_first_s'] * 1e3:.0f} ms | "
+                       f"{e['rss_first'] / 2**20:.1f} MiB | {e['rss_1000'] / 2**20:.1f} MiB | "
+                       f"{'yes' if e['litellm_imported'] else 'no'} |")
+    return out
 
 
 # -- writing ---------------------------------------------------------------------------------------------------
@@ -349,6 +470,7 @@ def markdown(res: dict[str, Any], figs: list[Figure]) -> str:
     if leak["stopped_early"]:
         out += ["", f"Stopped by the time budget before {leak['checkpoints'][-1]:,} calls; "
                 "`python -m bench --leak-budget 0` runs the full count."]
+    out += engines_markdown(res)
     st = res["startup"]
     out += [
         "",
@@ -390,17 +512,23 @@ def chart(res: dict[str, Any], path: Path) -> None:
     s = res["summary"]
     seq = s["sequential"]
     colors = {"raw_async": "#999999", "litellm_async": "#4c72b0", "litellm_router_async": "#dd8452",
-              "router_async": "#55a868", "raw_sync": "#bbbbbb", "litellm_sync": "#8da0cb", "router_sync": "#a6d854"}
+              "router_async": "#55a868", "raw_sync": "#bbbbbb", "litellm_sync": "#8da0cb", "router_sync": "#a6d854",
+              "httpx_async": "#777777", "openai_async": "#8172b3", "direct_async": "#c44e52",
+              "httpx_sync": "#cccccc", "openai_sync": "#b3a6d8", "direct_sync": "#e78ac3"}
     short = {"raw_async": "raw aiohttp", "litellm_async": "litellm\nacompletion",
              "litellm_router_async": "litellm\nRouter", "router_async": "router\nagenerate",
-             "raw_sync": "raw sync", "litellm_sync": "litellm\ncompletion", "router_sync": "router\ngenerate"}
+             "raw_sync": "raw sync", "litellm_sync": "litellm\ncompletion", "router_sync": "router\ngenerate",
+             "httpx_async": "httpx\nasync", "openai_async": "openai\nSDK async", "direct_async": "router\ndirect async",
+             "httpx_sync": "httpx\nsync", "openai_sync": "openai\nSDK sync", "direct_sync": "router\ndirect sync"}
+    keys_present = set(seq)
     fig, axes = plt.subplots(2, 2, figsize=(13, 9))
-    keys = ASYNC + SYNC
+    keys = [k for k in ASYNC + SYNC if k in keys_present]
+    asyncs = [k for k in ASYNC if k in keys_present]
 
     ax = axes[0][0]
     vals = [seq[k]["cpu_ms"] for k in keys]
     ax.bar(range(len(keys)), vals, color=[colors[k] for k in keys])
-    ax.set_xticks(range(len(keys)), [short[k] for k in keys], fontsize=8)
+    ax.set_xticks(range(len(keys)), [short[k] for k in keys], fontsize=6)
     for i, v in enumerate(vals):
         ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("ms of client CPU per call")
@@ -411,17 +539,18 @@ def chart(res: dict[str, Any], path: Path) -> None:
     x = range(len(ks))
     ax.bar([i - 0.2 for i in x], [seq[k]["p50_added_ms"] for k in ks], 0.4, label="p50", color="#4c72b0")
     ax.bar([i + 0.2 for i in x], [seq[k]["p99_added_ms"] for k in ks], 0.4, label="p99", color="#c44e52")
-    ax.set_xticks(list(x), [short[k] for k in ks], fontsize=8)
+    ax.set_xticks(list(x), [short[k] for k in ks], fontsize=6)
     ax.set_ylabel("ms added over the raw HTTP floor")
     ax.set_title("Latency added over the floor (concurrency 1)")
     ax.legend()
 
     ax = axes[1][0]
     levels = ["1", *res["concurrent"]]
-    width = 0.8 / len(ASYNC)
-    for j, k in enumerate(ASYNC):
+    width = 0.8 / len(asyncs)
+    for j, k in enumerate(asyncs):
         ys = [seq[k]["rps"]] + [s["concurrent"][c][k]["rps"] for c in levels[1:]]
-        ax.bar([i + (j - 1.5) * width for i in range(len(levels))], ys, width, label=short[k].replace("\n", " "),
+        offset = (j - (len(asyncs) - 1) / 2) * width
+        ax.bar([i + offset for i in range(len(levels))], ys, width, label=short[k].replace("\n", " "),
                color=colors[k])
     ax.set_xticks(range(len(levels)), [f"c={c}" for c in levels])
     ax.set_yscale("log")

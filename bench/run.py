@@ -38,10 +38,13 @@ class Plan:
     leak_checkpoints: tuple[int, ...]
     startup_runs: int
     router_only_calls: int
+    stream_rounds: int = 5
+    stream_calls: int = 100  # streamed answers per variant per round
+    engine_runs: int = 3  # fresh processes per engine: import + first call, RSS after 1,000 calls
 
 
 FULL = Plan(255, 100, 7, 150, (50, 200), 3, 400, 3, 5, 100, (10_000, 100_000), 5, 3000)
-QUICK = Plan(42, 20, 3, 50, (50, 200), 1, 150, 2, 3, 20, (2_000, 10_000), 3, 1000)
+QUICK = Plan(42, 20, 3, 50, (50, 200), 1, 150, 2, 3, 20, (2_000, 10_000), 3, 1000, 2, 30, 1)
 
 
 def machine(pinning: str) -> dict[str, Any]:
@@ -191,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
                 asyncs, plan.levels, plan.throughput_rounds, plan.throughput_calls, plan.waves
             )
 
+            streamed = list(clients.stream_variants().values())
+            say(f"streams: {plan.stream_rounds} rounds × {plan.stream_calls} answers × {len(streamed)} variants")
+            for v in streamed:
+                runner.sequential(v, max(5, plan.warmup // 4))
+            res["streams"] = runner.rounds_sequential(streamed, plan.stream_rounds, plan.stream_calls)
+
+            say(f"engines: import router + first call, RSS after 1,000 calls ({plan.engine_runs} fresh processes each)")
+            res["engines"] = startup.engines(up.url, plan.engine_runs)
+
             say("fallback")
             res["fallback"] = runner.fallback(plan.fallback_rounds, plan.fallback_calls)
 
@@ -223,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             "levels": list(plan.levels), "fallback_rounds": plan.fallback_rounds,
             "fallback_calls": plan.fallback_calls, "leak_checkpoints": list(checkpoints),
             "startup_runs": plan.startup_runs, "budget_s": budget,
+            "stream_rounds": plan.stream_rounds, "stream_calls": plan.stream_calls, "engine_runs": plan.engine_runs,
         },
         "settle_timeouts": settle_timeouts,
     }

@@ -6,6 +6,7 @@ load in this process, since that is where an application pays it.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -81,3 +82,74 @@ def measure(n: int) -> dict[str, Any]:
         assert len(cfg.aliases) == 50
         out["load_config_50"] = {"best_s": min(runs), "median_s": statistics.median(runs), "first_s": runs[0]}
     return out
+
+
+# -- the engines side by side: a process on a direct-only config vs one on a LiteLLM config -------------------
+
+ENGINE_CONFIG = """\
+version: 1
+defaults: {{model: m, timeout_s: 30, deadline_s: 120, retry: {{attempts: 1}}, engine: {engine}}}
+providers:
+  ok: {{kind: openai, api_base: "{url}/ok/v1", api_key: sk-bench-not-a-secret}}
+aliases:
+  m: {{targets: [ok/gpt-4o-mini]}}
+"""
+
+# Run in a fresh interpreter: the import, the first call (priced by the model map: no config price), then
+# 1,000 more at concurrency 50, and the resident set size at each step. stdout: one JSON object.
+ENGINE_SCRIPT = """
+import asyncio, gc, json, os, sys, time
+t0 = time.perf_counter()
+import router
+t1 = time.perf_counter()
+from prometheus_client import CollectorRegistry
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+r = router.Router(router.parse_config(sys.argv[1], "bench.yaml", env={}), registry=CollectorRegistry())
+first = r.generate("ping")
+t2 = time.perf_counter()
+assert first.cost_source == "litellm", first
+rss_first = rss()
+async def many(n, c):
+    todo = iter(range(n))
+    async def worker():
+        for _ in todo:
+            await r.agenerate("ping")
+    await asyncio.gather(*(worker() for _ in range(c)))
+asyncio.run(many(1000, 50))
+gc.collect()
+print(json.dumps({"import_s": t1 - t0, "first_call_s": t2 - t1, "import_and_first_s": t2 - t0,
+                  "rss_first": rss_first, "rss_1000": rss(), "litellm_imported": "litellm" in sys.modules}))
+"""
+
+
+def engines(url: str, runs: int) -> dict[str, Any]:
+    """`import router` + the first call, and RSS after 1,000 calls, in fresh processes: `direct` vs `litellm`.
+
+    Interleaved, best of `runs` for the times; the RSS of the last run. Both configs price from LiteLLM's model
+    map (the direct engine reads it as a file).
+    """
+    out: dict[str, Any] = {name: [] for name in ("direct", "litellm")}
+    for _ in range(runs):
+        for engine in ("direct", "litellm"):
+            text = ENGINE_CONFIG.format(engine=engine, url=url)
+            proc = subprocess.run(
+                [sys.executable, "-c", ENGINE_SCRIPT, text], cwd=ROOT, capture_output=True, text=True, timeout=300
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"engine {engine}: exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
+            out[engine].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary: dict[str, Any] = {}
+    for engine, rows in out.items():
+        summary[engine] = {
+            "import_s": min(r["import_s"] for r in rows),
+            "first_call_s": min(r["first_call_s"] for r in rows),
+            "import_and_first_s": min(r["import_and_first_s"] for r in rows),
+            "rss_first": rows[-1]["rss_first"],
+            "rss_1000": rows[-1]["rss_1000"],
+            "litellm_imported": any(r["litellm_imported"] for r in rows),
+            "runs": rows,
+        }
+    return summary

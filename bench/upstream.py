@@ -3,7 +3,9 @@
 ``POST /{route}/v1/chat/completions`` answers a fixed, small ``chat.completion`` with usage, from bytes built
 once; a route whose name starts with ``fail`` answers 503 at once, one starting with ``cost`` adds
 OpenRouter's ``usage.cost`` (the provider-reported price the router must keep reading), and ``wait<N>`` answers
-after N ms ±20% (a provider's think time, for latency benchmarks). Being another
+after N ms ±20% (a provider's think time, for latency benchmarks). A request with
+``"stream": true`` gets the same answer as server-sent events: STREAM_CHUNKS content chunks, a finish chunk, a
+usage chunk and ``data: [DONE]``, built once and written one event at a time. Being another
 process, its CPU never shows in the benchmark's ``time.process_time()``; it is pinned to its own core where
 there is one to spare, so it is not the bottleneck.
 
@@ -43,6 +45,22 @@ COST_BODY = json.dumps(
     {**REPLY, "usage": {**REPLY["usage"], "cost": PROVIDER_COST}}, separators=(",", ":")
 ).encode()
 FAIL_BODY = json.dumps({"error": {"message": "bench: unavailable", "type": "server_error", "code": 503}}).encode()
+STREAM_CHUNKS = 20  # content chunks of a streamed answer: CPU per chunk is a streamed call's CPU / this
+
+
+def _stream_events() -> list[bytes]:
+    def event(payload: object) -> bytes:
+        return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+    base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": "bench-model"}
+    chunks = [{**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+              for i in range(STREAM_CHUNKS)]  # fmt: skip
+    chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    chunks.append({**base, "choices": [], "usage": REPLY["usage"]})
+    return [event(c) for c in chunks] + [b"data: [DONE]\n\n"]
+
+
+STREAM_EVENTS = _stream_events()  # written one at a time, as a provider sends them
 
 
 def serve(cpu: int | None = None) -> None:
@@ -58,14 +76,22 @@ def serve(cpu: int | None = None) -> None:
     if cpu is not None and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {cpu})
 
-    async def chat(request: web.Request) -> web.Response:
-        await request.read()  # drain the body so keep-alive connections stay usable
+    async def chat(request: web.Request) -> web.StreamResponse:
+        raw = await request.read()  # drain the body so keep-alive connections stay usable
         route = request.match_info["route"]
         if route.startswith("fail"):
             return web.Response(status=503, body=FAIL_BODY, content_type="application/json")
         m = wait.match(route)
         if m:
             await asyncio.sleep(int(m.group(1)) / 1000 * random.uniform(0.8, 1.2))
+        if b'"stream":true' in raw.replace(b" ", b""):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for event in STREAM_EVENTS:
+                await resp.write(event)
+            await resp.write_eof()
+            return resp
         return web.Response(body=COST_BODY if route.startswith("cost") else BODY, content_type="application/json")
 
     async def main() -> None:

@@ -133,12 +133,20 @@ def start_metrics_server(port: int = 9464, addr: str = "127.0.0.1", registry: Co
     return start_http_server(port, addr, registry=registry)
 
 
-def preload() -> None:
-    """Import LiteLLM now (seconds, ~170 MB) instead of at the first call. In a gunicorn master before the
-    fork (see examples/gunicorn.conf.py) every worker inherits it: they start at once and share its memory."""
+def preload(config: Any = None) -> None:
+    """Load the engines now instead of at the first call: LiteLLM (seconds, ~170 MB), or with `config` (a
+    RouterConfig or a path) exactly the engines its targets use (a direct-only config never imports LiteLLM).
+    In a gunicorn master before the fork (see examples/gunicorn.conf.py) every worker inherits them: they start
+    at once and share their memory."""
+    from .config import RouterConfig, load_config
     from .engines import DEFAULT_ENGINE, get_engine
 
-    get_engine(DEFAULT_ENGINE).load()
+    if config is None:
+        get_engine(DEFAULT_ENGINE).load()
+    else:
+        cfg = config if isinstance(config, RouterConfig) else load_config(config)
+        for name in sorted({t.engine for alias in cfg.aliases for t in cfg.targets(alias)}):
+            get_engine(name).load()
     # What is loaded now lives as long as the process: the collector never needs to look at it again. Frozen,
     # a forked worker's collections (the last one at exit above all) no longer write to every object of that
     # heap, which copied all of its pages into each worker: 1-3 s to exit and the memory the fork saved.

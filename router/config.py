@@ -51,6 +51,31 @@ DEFAULT_FALLBACK_ON = list(outcomes.DEFAULT_FALLBACK_ON)
 DEFAULT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 
 
+# The provider kinds the direct engine speaks to, each with its default base URL (None: `api_base` is required).
+# Each is the same OpenAI chat-completions protocol at `{base}/chat/completions`; every other OpenAI-compatible
+# server (vLLM, Ollama's /v1, LM Studio, Groq, Together, DeepSeek, Mistral, Fireworks...) is `kind: openai` with
+# its `api_base`. LiteLLM's own kinds for those vendors (groq, mistral, ...) adapt requests per vendor, so they
+# stay on the litellm engine.
+DIRECT_KINDS: dict[str, str | None] = {
+    "openai": "https://api.openai.com/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "hosted_vllm": None,
+    "lm_studio": None,
+}
+
+
+def direct_problem(kind: str, api_base: str | None) -> str | None:
+    """Why a provider of `kind` (at `api_base`) cannot use the direct engine; None when it can."""
+    if kind not in DIRECT_KINDS:
+        return (
+            f"engine direct speaks the OpenAI protocol of kinds {', '.join(DIRECT_KINDS)} (any OpenAI-compatible "
+            f"server is kind openai with its api_base); kind {kind!r} needs engine: litellm"
+        )
+    if DIRECT_KINDS[kind] is None and not api_base:
+        return f"engine direct needs the api_base of this {kind} server (e.g. http://127.0.0.1:8000/v1)"
+    return None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -188,6 +213,9 @@ class DefaultsConfig(_Model):
         description="Streaming: end a stream with StreamInterruptedError when no text comes for this long after "
         "its first (default timeout_s); deadline_s still bounds the whole stream.",
     )
+    engine: Literal["litellm", "direct"] = Field(
+        "litellm", description="What sends requests: litellm, or direct (the router's own OpenAI-protocol client)."
+    )
     retry: RetryConfig = RetryConfig()
     circuit: CircuitConfig = CircuitConfig()
     fallback_on: list[Annotated[str, AfterValidator(_known_outcome)]] = Field(
@@ -259,6 +287,9 @@ class ProviderConfig(_Model):
     timeout_s: PositiveFloat | None = Field(None, description="Per-attempt timeout for this provider.")
     enabled: bool = Field(True, description="false: skip this provider's targets (an emergency switch).")
     circuit: CircuitOverride | None = Field(None, description="Changes to defaults.circuit for this provider.")
+    engine: Literal["litellm", "direct"] | None = Field(
+        None, description="Overrides defaults.engine: direct for kinds openai, openrouter, hosted_vllm, lm_studio."
+    )
 
     # The environment variables each key was read from, for "set OPENAI_API_KEY" messages.
     _key_env_vars: tuple[tuple[str, ...], ...] = PrivateAttr(default=())
@@ -1850,6 +1881,10 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
         for name in names:  # a name goes into metric labels, logs and `explain`
             if looks_like_key(name):
                 src.problem((section, name), f"this name looks like an API key (not shown): {_PUT_KEYS}")
+    for name, p in cfg.providers.items():
+        if (p.engine or d.engine) == "direct" and (why := direct_problem(p.kind, p.api_base)) is not None:
+            at = ("providers", name, "engine") if p.engine else ("defaults", "engine")
+            src.problem(at, why if p.engine else f"provider {echo(name)}: {why}")
     keys = {name: p.api_keys() for name, p in cfg.providers.items()}  # once each: a pool may hold thousands
     circuits = {name: _circuit(d.circuit, p.circuit) for name, p in cfg.providers.items()}
     tiers: dict[str, tuple[tuple[Target, ...], ...]] = {}
@@ -1884,6 +1919,7 @@ def _check_references(cfg: RouterConfig, src: _Source) -> None:
             stream_idle_timeout_s=t.stream_idle_timeout_s or d.stream_idle_timeout_s,
             enabled=provider.enabled,
             circuit=circuits[t.provider],
+            engine=provider.engine or d.engine,
         )
 
     for alias_name, alias in cfg.aliases.items():

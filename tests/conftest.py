@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
@@ -93,13 +94,50 @@ def sleeps() -> Sleeps:
 MakeRouter = Callable[..., Router]
 
 
+ENGINES = ("litellm", "direct")
+BOTH_ENGINES = pytest.mark.parametrize("engine", ENGINES, indirect=True)
+"""Runs a test once per engine: `make_router` then sends every OpenAI-protocol provider through that engine."""
+
+
+def with_engines(argnames: str | tuple[str, ...], values: Iterable[Any], direct: Callable[[Any], bool]) -> Any:
+    """Parametrize `argnames` and the engine: every value on litellm, and on direct too where `direct(value)`."""
+    names = (argnames,) if isinstance(argnames, str) else tuple(argnames)
+    params = []
+    for value in values:
+        args = value if len(names) > 1 else (value,)
+        label = "-".join(str(getattr(a, "__name__", a)) for a in args)
+        for engine in ENGINES if direct(value) else ("litellm",):
+            params.append(pytest.param(*args, engine, id=f"{label}-{engine}"))
+    return pytest.mark.parametrize((*names, "engine"), params, indirect=["engine"])
+
+
 @pytest.fixture
-def make_router(up: Upstream, registry: CollectorRegistry, sleeps: Sleeps) -> MakeRouter:
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine `make_router` gives OpenAI-protocol providers (parametrize with BOTH_ENGINES); default litellm."""
+    return str(getattr(request, "param", "litellm"))
+
+
+def with_engine(text: str, engine: str) -> str:
+    """Config text with `engine: <engine>` on every provider the direct engine takes (others left as they are)."""
+    if engine == "litellm":
+        return text
+    from router.engines import direct_problem
+
+    data = yaml.safe_load(text)
+    for provider in (data.get("providers") or {}).values():
+        if "engine" not in provider and direct_problem(provider.get("kind", ""), provider.get("api_base")) is None:
+            provider["engine"] = engine
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+@pytest.fixture
+def make_router(up: Upstream, registry: CollectorRegistry, sleeps: Sleeps, engine: str) -> MakeRouter:
     """make_router(config_text=None, *, extra="", env=None, real_sleep=False, **router_kwargs) -> Router.
 
     With no text, the STANDARD config (providers a, b, c; aliases chat = a → b → c, single = a) plus
     `extra` YAML appended at top level. `env` defaults to `standard_env()`. Sleeps are recorded in the
-    `sleeps` fixture unless real_sleep=True; jitter is fixed at 0.5.
+    `sleeps` fixture unless real_sleep=True; jitter is fixed at 0.5. Under BOTH_ENGINES, every provider of a
+    kind the direct engine takes is sent by the `engine` of the test.
     """
 
     def make(
@@ -112,7 +150,7 @@ def make_router(up: Upstream, registry: CollectorRegistry, sleeps: Sleeps) -> Ma
     ) -> Router:
         if text is None:
             text = standard_config(extra=extra)
-        text = textwrap.dedent(text).replace("{UP}", up.url)
+        text = with_engine(textwrap.dedent(text).replace("{UP}", up.url), engine)
         cfg = parse_config(text, "test.yaml", env=standard_env() if env is None else env)
         if not real_sleep:
             kwargs.setdefault("sleep", sleeps.sleep)

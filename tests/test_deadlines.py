@@ -8,6 +8,8 @@ SLACK_S: how far past its deadline a call may end here. The bound is a timer on 
 deadline itself, and what follows is waking the waiting thread and unwinding the call: 1-10 ms measured on an
 idle machine, under 60 ms on these 2 cores shared with five busy engineers (load average 7). 0.5 s leaves room
 for a scheduler that does not run us for a while, and is still far below the failure it guards (minutes).
+
+The tests marked BOTH_ENGINES hold the direct engine (router/engines/direct.py) to the same promises.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import MakeRouter
+from conftest import BOTH_ENGINES, MakeRouter
 from prometheus_client import CollectorRegistry
 
 from router import DeadlineExceededError, Router, StreamInterruptedError
@@ -95,6 +97,7 @@ def eventually(check: Callable[[], bool], within_s: float) -> bool:
     return True
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("behaviour", list(HOSTILE))
 def test_a_plain_call_ends_by_its_deadline_whatever_the_upstream_does(
@@ -119,6 +122,7 @@ def test_a_plain_call_ends_by_its_deadline_whatever_the_upstream_does(
     assert eventually(lambda: up.open_connections <= connections, 1.0), (up.open_connections, connections)
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_retries_and_backoff_stop_at_the_deadline(make_router: MakeRouter, up: Upstream, mode: str) -> None:
     # Each attempt may take 0.8 s and a timeout is retried up to 5 times: the third try gets what is left of 2 s.
@@ -139,6 +143,7 @@ def test_retries_and_backoff_stop_at_the_deadline(make_router: MakeRouter, up: U
     assert max(arrivals) < 2.0, arrivals  # no retry started past the deadline
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_last_target_cut_at_the_deadline_raises_deadline_exceeded(
     make_router: MakeRouter, up: Upstream, mode: str
@@ -188,6 +193,7 @@ def silent_streams(make_router: MakeRouter, up: Upstream) -> Iterator[Router]:
     yield r
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("how", ["closed", "dropped"])
 def test_sync_streams_let_go_on_a_silent_upstream_free_their_threads_and_sockets(
     silent_streams: Router, up: Upstream, registry: CollectorRegistry, how: str
@@ -211,6 +217,7 @@ def test_sync_streams_let_go_on_a_silent_upstream_free_their_threads_and_sockets
     assert registry.get_sample_value("llm_router_attempts_total", labels) == STREAMS + 2  # + the warm-up's
 
 
+@BOTH_ENGINES
 def test_a_sync_stream_read_through_the_loop_still_ends_at_its_idle_limit(
     make_router: MakeRouter, up: Upstream
 ) -> None:

@@ -2,7 +2,7 @@
 
 Slow answers are scripted with `Reply(delay_s=...)` (the upstream waits before its headers), far longer than
 the hedge delay, so a test that passes by the slow answer arriving would take seconds and fail its time bound.
-Sync and async run the same scenarios (`mode`).
+Sync and async run the same scenarios (`mode`); the tests marked BOTH_ENGINES run on the direct engine too.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-from conftest import MakeRouter, standard_config, standard_env
+from conftest import BOTH_ENGINES, MakeRouter, standard_config, standard_env
 from prometheus_client import CollectorRegistry
 
 from router import (
@@ -108,9 +108,14 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
 
 
 def requests_running(tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-    """The racers' request tasks among `tasks` (litellm's own logging tasks aside)."""
+    """The racers' request tasks among `tasks` (litellm's own logging tasks aside): an engine's
+    `acomplete`/`aopen_stream` (`LiteLLMEngine.acomplete`, `DirectEngine.aopen_stream`, ...)."""
     names = ("acomplete", "aopen_stream", "_on.<locals>.run")
-    return [t for t in tasks if not t.done() and t.get_coro().__qualname__ in names]  # type: ignore[union-attr]
+    return [
+        t
+        for t in tasks
+        if not t.done() and t.get_coro().__qualname__.endswith(names)  # type: ignore[union-attr]
+    ]
 
 
 def no_request_left_running() -> bool:
@@ -123,6 +128,7 @@ def no_request_left_running() -> bool:
     return False
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_slow_first_target_is_hedged_and_the_hedge_wins(
     r: Router, up: Upstream, registry: CollectorRegistry, mode: str
@@ -149,6 +155,7 @@ def test_a_slow_first_target_is_hedged_and_the_hedge_wins(
         assert no_request_left_running()
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_quick_answer_sends_no_hedge(r: Router, up: Upstream, registry: CollectorRegistry, mode: str) -> None:
     up.enqueue("a", Reply(text="quick a"))
@@ -185,6 +192,7 @@ def test_no_more_than_max_extra_requests(r: Router, up: Upstream, registry: Coll
     assert sample(registry, "llm_router_hedge_wins_total", alias="narrow", provider="b", model="model-b") == 0
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_failed_hedge_leaves_the_first_request_racing(r: Router, up: Upstream, mode: str) -> None:
     up.enqueue("a", Reply(text="a after all", delay_s=0.8))
@@ -205,6 +213,7 @@ def test_a_fast_failure_falls_back_as_usual(r: Router, up: Upstream, registry: C
     assert sample(registry, "llm_router_fallbacks_total", **labels) == 1
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_every_raced_request_failing_falls_back_to_the_rest(r: Router, up: Upstream, mode: str) -> None:
     up.enqueue("a", Reply(status=503, delay_s=0.5))
@@ -215,6 +224,7 @@ def test_every_raced_request_failing_falls_back_to_the_rest(r: Router, up: Upstr
     assert trail(res.attempts) == [("a", "server_error"), ("b", "server_error"), ("c", "success")]
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_refused_request_in_the_race_stops_the_call(r: Router, up: Upstream, mode: str) -> None:
     up.enqueue("a", Reply(text="slow a", delay_s=SLOW))
@@ -227,6 +237,7 @@ def test_a_refused_request_in_the_race_stops_the_call(r: Router, up: Upstream, m
     assert err.value.outcome == "bad_request"  # the call's outcome is the refusal, not the cancelled request
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_the_deadline_cancels_the_race(r: Router, up: Upstream, registry: CollectorRegistry, mode: str) -> None:
     up.enqueue("a", Reply(text="slow a", delay_s=SLOW))
@@ -260,6 +271,7 @@ def test_a_lost_race_with_no_target_left_is_retried(r: Router, up: Upstream, sle
     assert len(sleeps) == 1  # the usual backoff
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_stream_is_hedged_until_its_first_text(
     r: Router, up: Upstream, registry: CollectorRegistry, mode: str
@@ -339,6 +351,7 @@ def test_a_hedge_needs_a_delay() -> None:
     assert "aliases.x.hedge.after_percentile" in str(err.value)
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_hedged_stream_closed_early_is_cancelled(
     r: Router, up: Upstream, registry: CollectorRegistry, mode: str
@@ -402,6 +415,7 @@ def sse(*texts: str) -> list[bytes]:
     return [event({"role": "assistant", "content": t}) for t in texts] + [event({}, "stop"), b"data: [DONE]\n\n"]
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_winning_hedged_stream_keeps_its_idle_limit(r: Router, up: Upstream, mode: str) -> None:
     up.enqueue("a", Reply(text="slow stream from a", delay_s=SLOW))
@@ -436,6 +450,7 @@ CONTENT_FILTERED = {
 }
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_a_content_filtered_answer_in_the_race_is_a_failure(
     r: Router, up: Upstream, registry: CollectorRegistry, mode: str

@@ -5,7 +5,8 @@ Each file under `tests/replay/<provider>/` is a recorded body (JSON, or an SSE s
 status, content type and, for a stream, the sizes of the HTTP chunks it is sent in. The loopback `Upstream`
 sends those bytes verbatim; only the pauses between chunks are scripted on top. Everything runs through real
 litellm: the router's classification, stream handling and pricing meet the wire formats as they are, not as
-the sandbox's own simulation understands them.
+the sandbox's own simulation understands them. The OpenAI-protocol recordings (OpenAI, OpenRouter, the Azure
+stream) run on the direct engine too, and must give the same Result and the same errors.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MakeRouter, standard_env
+from conftest import BOTH_ENGINES, MakeRouter, standard_env, with_engines
 from prometheus_client import CollectorRegistry
 
 from router import ConfigError, ProviderError, Result, Router, StreamInterruptedError, parse_config
@@ -137,6 +138,7 @@ def stream_all(r: Router, sync: bool, alias: str, **kw: Any) -> tuple[list[str],
 
 
 SYNC = pytest.mark.parametrize("sync", [True, False], ids=["sync", "async"])
+DIRECT_PROVIDERS = ("openai", "openrouter")  # the recordings the direct engine speaks: OpenAI's protocol
 
 
 # -- the fixtures themselves --------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ ANSWERS = {
 
 
 @SYNC
-@pytest.mark.parametrize("provider", PROVIDERS)
+@with_engines("provider", PROVIDERS, lambda p: p in DIRECT_PROVIDERS)
 def test_recorded_answer(provider: str, sync: bool, r: Router, up: Upstream) -> None:
     name, text, usage = ANSWERS[provider]
     up.enqueue(ROUTE[provider], recorded(provider, name).reply())
@@ -217,10 +219,8 @@ OLLAMA_IMPORT_WARNING = "ignore:Items .* are using the `ReadOnly` qualifier:User
 
 
 @SYNC
-@pytest.mark.parametrize(
-    "kind",
-    [pytest.param(k, marks=pytest.mark.filterwarnings(OLLAMA_IMPORT_WARNING)) if k == "ollama" else k for k in STREAMS],
-)
+@pytest.mark.filterwarnings(OLLAMA_IMPORT_WARNING)
+@with_engines("kind", STREAMS, lambda k: k in DIRECT_PROVIDERS)
 def test_every_listed_provider_kind_streams_to_a_normal_end(
     kind: str, sync: bool, r: Router, up: Upstream, registry: CollectorRegistry
 ) -> None:
@@ -241,6 +241,7 @@ def test_every_listed_provider_kind_streams_to_a_normal_end(
     assert registry.get_sample_value("llm_router_stream_interrupted_total", _labels(r, alias)) is None
 
 
+@BOTH_ENGINES
 def test_openrouter_stream_is_priced_by_its_reported_cost(r: Router, up: Upstream) -> None:
     up.enqueue("orr", recorded("openrouter", "stream.sse").reply())
 
@@ -271,7 +272,7 @@ FALLEN_BACK = {
 
 
 @SYNC
-@pytest.mark.parametrize(("provider", "name", "outcome", "status"), FALLEN_BACK.values(), ids=FALLEN_BACK.keys())
+@with_engines(("provider", "name", "outcome", "status"), FALLEN_BACK.values(), lambda c: c[0] in DIRECT_PROVIDERS)
 def test_recorded_error_is_classified_and_fallen_back_from(
     provider: str,
     name: str,
@@ -295,6 +296,7 @@ def test_recorded_error_is_classified_and_fallen_back_from(
 
 
 @SYNC
+@BOTH_ENGINES
 def test_an_error_object_inside_a_200_stream_is_the_error_it_names(sync: bool, r: Router, up: Upstream) -> None:
     # Keep-alives, reasoning, then {"error": {"code": 400, "message": "Token limit reached"}} in a 200 stream: the
     # provider's own verdict on the request (max_completion_tokens too small), not an empty or broken stream.
@@ -318,7 +320,7 @@ FILTERED = {
 
 
 @SYNC
-@pytest.mark.parametrize(("provider", "name", "streamed"), FILTERED.values(), ids=FILTERED.keys())
+@with_engines(("provider", "name", "streamed"), FILTERED.values(), lambda c: c[0] in DIRECT_PROVIDERS)
 def test_a_filtered_answer_is_the_content_filter_outcome(
     provider: str, name: str, streamed: str | None, sync: bool, r: Router, up: Upstream
 ) -> None:
@@ -335,6 +337,7 @@ def test_a_filtered_answer_is_the_content_filter_outcome(
     assert up.requests("b") == []
 
 
+@BOTH_ENGINES
 def test_a_filtered_answer_falls_back_when_fallback_on_says_so(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(
         CONFIG.replace("{EXTRA}", "").replace(
@@ -356,6 +359,7 @@ KEEPALIVES, EMPTY_DELTAS = 10, 2
 
 
 @SYNC
+@BOTH_ENGINES
 def test_keepalive_comments_do_not_hold_off_the_first_token_deadline(sync: bool, r: Router, up: Upstream) -> None:
     rec = recorded("openrouter", "stream.sse")
     assert rec.frames()[0] == b": OPENROUTER PROCESSING\n\n"
@@ -373,6 +377,7 @@ def test_keepalive_comments_do_not_hold_off_the_first_token_deadline(sync: bool,
 
 
 @SYNC
+@BOTH_ENGINES
 def test_empty_and_reasoning_deltas_do_not_hold_off_the_first_token_deadline(
     sync: bool, r: Router, up: Upstream
 ) -> None:
@@ -406,6 +411,7 @@ def test_a_model_the_price_map_knows_at_zero_is_unknown_not_free(
     assert registry.get_sample_value("llm_router_cost_unknown_total", labels) == 1
 
 
+@BOTH_ENGINES
 def test_a_free_variant_is_priced_at_zero_by_the_map(r: Router, up: Upstream, registry: CollectorRegistry) -> None:
     up.enqueue("orr", recorded("openrouter", "chat.json").reply())
 
@@ -420,6 +426,7 @@ def test_a_free_variant_is_priced_at_zero_by_the_map(r: Router, up: Upstream, re
 
 
 @SYNC
+@BOTH_ENGINES
 def test_a_stream_that_stalls_after_its_first_text_is_interrupted_within_the_idle_limit(
     sync: bool, r: Router, up: Upstream, registry: CollectorRegistry
 ) -> None:
@@ -450,6 +457,7 @@ def test_a_stream_that_stalls_after_its_first_text_is_interrupted_within_the_idl
 
 
 @SYNC
+@BOTH_ENGINES
 def test_a_stream_that_trickles_forever_ends_at_the_calls_deadline(
     sync: bool, r: Router, up: Upstream, registry: CollectorRegistry
 ) -> None:
@@ -474,6 +482,7 @@ def test_a_stream_that_trickles_forever_ends_at_the_calls_deadline(
 
 
 @SYNC
+@BOTH_ENGINES
 @pytest.mark.parametrize("provider", ["openai", "openrouter"])
 def test_a_context_window_error_is_recognised_by_its_code(provider: str, sync: bool, r: Router, up: Upstream) -> None:
     # Worded so that litellm's text matching does not see it; the code says what it is.
@@ -488,6 +497,7 @@ def test_a_context_window_error_is_recognised_by_its_code(provider: str, sync: b
 
 
 @SYNC
+@BOTH_ENGINES
 @pytest.mark.parametrize(("status", "outcome"), [(402, "payment_required"), (403, "auth")])
 def test_402_and_403_are_classified_by_status_not_by_message(
     status: int, outcome: str, sync: bool, r: Router, up: Upstream
@@ -502,15 +512,18 @@ def test_402_and_403_are_classified_by_status_not_by_message(
 
 
 @SYNC
+@BOTH_ENGINES  # direct: an alias whose first target is sent by the direct engine, its fallback by litellm
 def test_params_a_fallback_target_does_not_take_are_dropped_and_logged(
-    sync: bool, make_router: MakeRouter, up: Upstream, caplog: pytest.LogCaptureFixture
+    sync: bool, engine: str, make_router: MakeRouter, up: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     extra = "  mixed: {targets: [oa/gpt-4o-mini, an/claude-3-5-haiku-20241022]}"
     r = make_router(CONFIG.replace("{EXTRA}", extra))
     up.enqueue("oa", Reply(status=503))
     up.enqueue("an", Reply(text="anthropic answers"))
 
-    param = "seed" if sync else "presence_penalty"  # OpenAI takes both, Anthropic neither; logged once per set
+    # OpenAI takes each, Anthropic none; logged once per set in a process, so each run drops its own
+    param = {("litellm", True): "seed", ("litellm", False): "presence_penalty",
+             ("direct", True): "frequency_penalty", ("direct", False): "logprobs"}[engine, sync]  # fmt: skip
 
     with caplog.at_level(logging.WARNING, logger="router"):
         res = generate(r, sync, "mixed", temperature=0.2, **{param: 1})
@@ -527,6 +540,7 @@ def _labels(r: Router, alias: str) -> dict[str, str]:
     return {"alias": alias, "provider": t.provider, "model": t.model}
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("how", ["closed", "dropped"])
 def test_a_sync_stream_left_unread_stops_its_reader_thread(how: str, r: Router, up: Upstream) -> None:
     up.enqueue("oa", recorded("openai", "stream.sse").reply(0.3))  # 2.4 s to the end if read out
@@ -549,6 +563,7 @@ def _readers() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "llm-router-stream" and t.is_alive()]
 
 
+@BOTH_ENGINES
 def test_a_dropped_sync_stream_is_never_closed_by_the_collecting_thread(
     r: Router, up: Upstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -3,6 +3,8 @@
 Nothing here mocks litellm: every outcome is produced by the upstream answering the way a provider would,
 and classified from the exception litellm really raises. Expectations are read back from three places:
 the `Result` / error the router returns, the requests the upstream received, and the sleeps it asked for.
+The tests marked BOTH_ENGINES run on the direct engine too (router/engines/direct.py), which must give the
+same Result and the same errors for the same bytes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from unittest.mock import ANY
 
 import litellm
 import pytest
-from conftest import KEY_A, KEY_B, KEY_C, MakeRouter, Sleeps
+from conftest import BOTH_ENGINES, KEY_A, KEY_B, KEY_C, MakeRouter, Sleeps
 from prometheus_client import CollectorRegistry, generate_latest
 
 import router
@@ -38,6 +40,7 @@ from router import (
     UnknownModelError,
     UnknownProviderError,
 )
+from router.engines.wire import ProviderHTTPError
 from router.sandbox import Reply, Upstream
 
 KEYS = (KEY_A, KEY_B, KEY_C)
@@ -91,6 +94,16 @@ def closed_port(up: Upstream) -> int:
             port = int(s.getsockname()[1])
         if f":{port}" not in up.url:
             return port
+
+
+def caused_by(err: BaseException, engine: str, litellm_class: str, status: int) -> bool:
+    """Whether the error was raised from the provider's answer: LiteLLM's exception of that class, or the direct
+    engine's ProviderHTTPError with that status."""
+    cause = err.__cause__
+    if engine == "direct":
+        return isinstance(cause, ProviderHTTPError) and cause.status_code == status
+    wanted = getattr(litellm.exceptions, litellm_class)
+    return isinstance(cause, wanted) and getattr(cause, "status_code", None) == status
 
 
 def completion_json(choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -177,6 +190,7 @@ def check_fallback(case: Case, res: Result, up: Upstream, sleeps: Sleeps, regist
     assert registry.get_sample_value("llm_router_fallbacks_total", labels) == 1
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("case", FALLBACK_CASES.values(), ids=FALLBACK_CASES.keys())
 def test_fallback_on_each_fallback_outcome(
     case: Case, make_router: MakeRouter, up: Upstream, sleeps: Sleeps, registry: CollectorRegistry
@@ -189,6 +203,7 @@ def test_fallback_on_each_fallback_outcome(
     check_fallback(case, res, up, sleeps, registry)
 
 
+@BOTH_ENGINES
 @pytest.mark.asyncio
 @pytest.mark.parametrize("case", FALLBACK_CASES.values(), ids=FALLBACK_CASES.keys())
 async def test_async_fallback_on_each_fallback_outcome(
@@ -214,9 +229,10 @@ NO_FALLBACK_CASES = {
 }
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize(("reply", "outcome", "cause"), NO_FALLBACK_CASES.values(), ids=NO_FALLBACK_CASES.keys())
 def test_no_fallback_on_caller_errors(
-    reply: Reply, outcome: str, cause: str, make_router: MakeRouter, up: Upstream, sleeps: Sleeps
+    reply: Reply, outcome: str, cause: str, engine: str, make_router: MakeRouter, up: Upstream, sleeps: Sleeps
 ) -> None:
     r = make_router()
     up.enqueue("a", reply)
@@ -227,14 +243,15 @@ def test_no_fallback_on_caller_errors(
     err = info.value
     assert not isinstance(err, AllTargetsFailedError)
     assert (err.outcome, err.status_code, err.provider, err.alias) == (outcome, 400, "a", "chat")
-    assert isinstance(err.__cause__, getattr(litellm.exceptions, cause))
-    assert isinstance(err.__cause__, litellm.exceptions.BadRequestError)
+    assert caused_by(err, engine, cause, 400)
+    assert engine == "direct" or isinstance(err.__cause__, litellm.exceptions.BadRequestError)
     assert trail(err.attempts) == [("a", outcome, 400)]
     assert outcome in str(err) and "fallback_on" in str(err)
     assert routes(up) == ["a"]  # not retried, and b never asked
     assert sleeps == []
 
 
+@BOTH_ENGINES
 def test_content_filter_finish_reason_is_the_content_filter_outcome(make_router: MakeRouter, up: Upstream) -> None:
     filtered = {"index": 0, "message": {"role": "assistant", "content": ""}, "finish_reason": "content_filter"}
     up.enqueue("a", Reply(json=completion_json([filtered])))
@@ -247,8 +264,9 @@ def test_content_filter_finish_reason_is_the_content_filter_outcome(make_router:
     assert routes(up) == ["a"]
 
 
+@BOTH_ENGINES
 def test_every_target_failing_lists_every_attempt_in_order(
-    make_router: MakeRouter, up: Upstream, sleeps: Sleeps
+    engine: str, make_router: MakeRouter, up: Upstream, sleeps: Sleeps
 ) -> None:
     up.enqueue("a", Reply(status=503), Reply(status=500))
     up.enqueue("b", Reply(status=401))
@@ -268,7 +286,7 @@ def test_every_target_failing_lists_every_attempt_in_order(
     ]
     assert [a.model for a in err.attempts] == ["model-a", "model-a", "model-b", "model-c", "model-c"]
     assert err.alias == "chat" and err.outcome == "rate_limit"
-    assert isinstance(err.__cause__, litellm.exceptions.RateLimitError)
+    assert caused_by(err, engine, "RateLimitError", 429)
     assert routes(up) == ["a", "a", "b", "c", "c"]
     assert "5 attempt(s)" in str(err)
     assert len(sleeps) == 2  # one backoff before each retry
@@ -277,6 +295,7 @@ def test_every_target_failing_lists_every_attempt_in_order(
 # -- retries and backoff -----------------------------------------------------------------------------------
 
 
+@BOTH_ENGINES
 def test_retry_after_seconds_is_honoured_on_the_same_target(
     make_router: MakeRouter, up: Upstream, sleeps: Sleeps
 ) -> None:
@@ -290,6 +309,7 @@ def test_retry_after_seconds_is_honoured_on_the_same_target(
     assert routes(up) == ["a", "a"]
 
 
+@BOTH_ENGINES
 def test_retry_after_beyond_max_backoff_is_capped(make_router: MakeRouter, up: Upstream, sleeps: Sleeps) -> None:
     r = make_router()
     up.enqueue("a", Reply(status=503, headers={"Retry-After": "30"}))
@@ -300,6 +320,7 @@ def test_retry_after_beyond_max_backoff_is_capped(make_router: MakeRouter, up: U
     assert res.provider == "a" and routes(up) == ["a", "a"]
 
 
+@BOTH_ENGINES
 def test_retry_after_as_http_date(make_router: MakeRouter, up: Upstream, sleeps: Sleeps) -> None:
     r = make_router(config(retry="{attempts: 2, backoff_s: 0.1, max_backoff_s: 60}", deadline_s=120))
     when = email.utils.formatdate(time.time() + 10, usegmt=True)  # whole seconds: up to 1 s earlier
@@ -311,6 +332,7 @@ def test_retry_after_as_http_date(make_router: MakeRouter, up: Upstream, sleeps:
     assert res.provider == "a" and routes(up) == ["a", "a"]
 
 
+@BOTH_ENGINES
 def test_backoff_without_retry_after_is_exponential_capped_and_jittered(
     make_router: MakeRouter, up: Upstream, sleeps: Sleeps
 ) -> None:
@@ -326,6 +348,7 @@ def test_backoff_without_retry_after_is_exponential_capped_and_jittered(
     assert trail(res.attempts)[-1] == ("a", "success", None) and routes(up) == ["a"] * 4
 
 
+@BOTH_ENGINES
 def test_retry_after_is_ignored_when_honor_retry_after_is_off(
     make_router: MakeRouter, up: Upstream, sleeps: Sleeps
 ) -> None:
@@ -342,6 +365,7 @@ def test_retry_after_is_ignored_when_honor_retry_after_is_off(
 SLACK_S = 2.0  # generous bound on how far past its deadline a call may return: behaviour, not speed
 
 
+@BOTH_ENGINES
 def test_deadline_exceeded_returns_within_the_deadline(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(config(deadline_s=1), real_sleep=True)
     up.enqueue("a", Reply(delay_s=3))
@@ -359,6 +383,7 @@ def test_deadline_exceeded_returns_within_the_deadline(make_router: MakeRouter, 
     assert routes(up) == ["a"]  # the deadline ran out before b could be asked
 
 
+@BOTH_ENGINES
 @pytest.mark.asyncio
 async def test_async_deadline_exceeded_returns_within_the_deadline(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(config(deadline_s=1), real_sleep=True)
@@ -375,6 +400,7 @@ async def test_async_deadline_exceeded_returns_within_the_deadline(make_router: 
     assert routes(up) == ["a"]
 
 
+@BOTH_ENGINES
 def test_call_timeout_overrides_deadline(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(real_sleep=True)
     assert r.config.defaults.deadline_s > 10
@@ -389,6 +415,7 @@ def test_call_timeout_overrides_deadline(make_router: MakeRouter, up: Upstream) 
     assert took < 0.5 + SLACK_S
 
 
+@BOTH_ENGINES
 def test_retry_after_longer_than_the_deadline_falls_back_at_once(
     make_router: MakeRouter, up: Upstream, sleeps: Sleeps
 ) -> None:
@@ -508,6 +535,7 @@ TUNED = """
 """
 
 
+@BOTH_ENGINES
 def test_params_call_over_target_over_alias(make_router: MakeRouter, up: Upstream) -> None:
     up.enqueue("a", Reply(status=503), Reply(status=503))
 
@@ -555,6 +583,7 @@ def test_reserved_params_are_refused(name: str, make_router: MakeRouter, up: Ups
     assert up.history == []
 
 
+@BOTH_ENGINES
 def test_the_key_is_sent_to_its_own_provider_only(make_router: MakeRouter, up: Upstream) -> None:
     up.enqueue("a", Reply(status=401))
 
@@ -568,6 +597,7 @@ def test_the_key_is_sent_to_its_own_provider_only(make_router: MakeRouter, up: U
 # -- pricing -----------------------------------------------------------------------------------------------
 
 
+@BOTH_ENGINES
 def test_config_price(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(config(pricing="pricing:\n  a/model-a: {input_per_1m: 2.5, output_per_1m: 10}"))
     up.enqueue("a", Reply(usage=(1200, 345)))
@@ -590,6 +620,7 @@ def test_config_price_per_1k(make_router: MakeRouter, up: Upstream) -> None:
     assert res.cost_usd == pytest.approx(40 * 0.5 / 1e3 + 60 * 1.5 / 1e3)
 
 
+@BOTH_ENGINES
 def test_provider_reported_cost_from_openrouter(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(
         config(
@@ -606,6 +637,7 @@ def test_provider_reported_cost_from_openrouter(make_router: MakeRouter, up: Ups
     assert up.requests("or")[0].model == "openai/gpt-4o-mini"  # bare name given its vendor prefix
 
 
+@BOTH_ENGINES
 def test_litellm_price_map(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(config(aliases="  mini: {targets: [a/gpt-4o-mini]}"))
     up.enqueue("a", Reply(usage=(1000, 500)))
@@ -620,6 +652,7 @@ def test_litellm_price_map(make_router: MakeRouter, up: Upstream) -> None:
     assert res.cost_usd > 0
 
 
+@BOTH_ENGINES
 def test_unknown_price_is_zero_and_says_so(make_router: MakeRouter, up: Upstream, registry: CollectorRegistry) -> None:
     res = make_router().generate("hello")
 
@@ -631,6 +664,7 @@ def test_unknown_price_is_zero_and_says_so(make_router: MakeRouter, up: Upstream
 # -- anthropic wire format ---------------------------------------------------------------------------------
 
 
+@BOTH_ENGINES
 def test_fallback_from_openai_kind_to_anthropic_kind(make_router: MakeRouter, up: Upstream) -> None:
     r = make_router(
         config(
@@ -693,6 +727,7 @@ LEAKY = {
 }
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize(("alias", "script", "raised"), LEAKY.values(), ids=LEAKY.keys())
 def test_echoed_key_never_leaks(
     alias: str,
@@ -731,6 +766,7 @@ def test_echoed_key_never_leaks(
     assert not found, f"an API key shows in: {found}"
 
 
+@BOTH_ENGINES
 def test_echoed_key_never_leaks_from_a_result(
     make_router: MakeRouter,
     up: Upstream,
@@ -772,6 +808,7 @@ def without_latency(res: Result) -> Result:
     )
 
 
+@BOTH_ENGINES
 @pytest.mark.asyncio
 async def test_sync_and_async_give_equal_results(make_router: MakeRouter, up: Upstream, sleeps: Sleeps) -> None:
     r = make_router(config(pricing="pricing:\n  c/model-c: {input_per_1m: 1, output_per_1m: 2}"))

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import KEY_A, KEY_B, MakeRouter
+from conftest import BOTH_ENGINES, KEY_A, KEY_B, MakeRouter
 from prometheus_client import CollectorRegistry, generate_latest
 
 from router import ConfigError, ProviderError, Result, Router, parse_config
@@ -165,6 +165,7 @@ def test_an_echoed_header_value_or_password_is_in_no_error_log_or_output(
     assert not found, f"a secret shows: {found}"
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("mode", MODES)
 def test_an_echo_fallen_back_from_is_in_no_result_or_log(
     mode: str,
@@ -185,6 +186,7 @@ def test_an_echo_fallen_back_from_is_in_no_result_or_log(
     assert not found, f"a secret shows: {found}"
 
 
+@BOTH_ENGINES
 def test_an_echoed_api_base_password_is_in_no_error_log_or_output(
     r: Router,
     up: Upstream,
@@ -203,6 +205,7 @@ def test_an_echoed_api_base_password_is_in_no_error_log_or_output(
     assert not found, f"a secret shows: {found}"
 
 
+@BOTH_ENGINES
 def test_an_api_base_with_a_password_works_async_without_showing_it(
     r: Router,
     up: Upstream,

@@ -3,7 +3,8 @@
 The upstream streams each reply as about three content chunks, and can cut the connection after N of them
 (`cut_after`), send an SSE error event instead of the rest (`error_event`), end without a finish reason
 (`no_finish`) or leave out the usage chunk (`stream_usage=False`). Expectations come from the scripted
-replies, the requests the upstream received, and the metrics registry.
+replies, the requests the upstream received, and the metrics registry. Every test runs on both engines (the
+providers here are all OpenAI-protocol): the direct engine must stream the same Result and the same errors.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from unittest.mock import ANY
 
 import litellm
 import pytest
-from conftest import MakeRouter, Sleeps, standard_config
+from conftest import BOTH_ENGINES, MakeRouter, Sleeps, standard_config
 from prometheus_client import CollectorRegistry
 
 from router import AsyncStream, Attempt, Result, Router, Stream, StreamInterruptedError, Usage
+from router.engines.wire import estimate_usage
 from router.sandbox import Reply, Upstream
+
+pytestmark = BOTH_ENGINES
 
 TEXT = "one two three four five six seven eight"
 B_TEXT = "bravo answers the whole question"
@@ -65,8 +69,11 @@ def target_labels(alias: str, provider: str) -> dict[str, str]:
     return {"alias": alias, "provider": provider, "model": f"model-{provider}"}
 
 
-def counted(text: str, model: str = "openai/model-a") -> Usage:
-    """The usage litellm's own counter gives a prompt-only call that got `text` back."""
+def counted(text: str, engine: str, model: str = "openai/model-a") -> Usage:
+    """The usage an engine estimates for a prompt-only call that got `text` back: litellm's own counter, or the
+    direct engine's documented rule of thumb."""
+    if engine == "direct":
+        return estimate_usage(SENT, text)
     return Usage(
         litellm.token_counter(model=model, messages=SENT), litellm.token_counter(model=model, text=text), estimated=True
     )
@@ -140,7 +147,7 @@ def test_sync_and_async_streams_agree(r: Router, up: Upstream) -> None:
     same_answer(sync_stream.result, async_result)
 
 
-def test_without_a_usage_chunk_usage_is_counted_and_marked_estimated(r: Router, up: Upstream) -> None:
+def test_without_a_usage_chunk_usage_is_counted_and_marked_estimated(r: Router, up: Upstream, engine: str) -> None:
     up.enqueue("a", Reply(text=TEXT, usage=(11, 7), stream_usage=False))
 
     stream = r.generate(PROMPT, stream=True)
@@ -149,13 +156,15 @@ def test_without_a_usage_chunk_usage_is_counted_and_marked_estimated(r: Router, 
     assert "".join(deltas) == TEXT
     res = stream.result
     assert res is not None and res.provider == "a"
-    assert res.usage == counted(TEXT)  # litellm's counter, flagged as such: (11, 7) never reached us
+    assert res.usage == counted(TEXT, engine)  # the engine's count, flagged as such: (11, 7) never reached us
     assert res.usage.estimated is True
-    assert res.cost_usd == pytest.approx(priced(counted(TEXT), PRICE_A))
+    assert res.cost_usd == pytest.approx(priced(counted(TEXT, engine), PRICE_A))
 
 
 @pytest.mark.asyncio
-async def test_async_without_a_usage_chunk_usage_is_counted_and_marked_estimated(r: Router, up: Upstream) -> None:
+async def test_async_without_a_usage_chunk_usage_is_counted_and_marked_estimated(
+    r: Router, up: Upstream, engine: str
+) -> None:
     up.enqueue("a", Reply(text=TEXT, usage=(11, 7), stream_usage=False))
 
     stream = await r.agenerate(PROMPT, stream=True)
@@ -163,7 +172,7 @@ async def test_async_without_a_usage_chunk_usage_is_counted_and_marked_estimated
 
     assert "".join(deltas) == TEXT
     assert stream.result is not None
-    assert stream.result.usage == counted(TEXT)
+    assert stream.result.usage == counted(TEXT, engine)
     assert stream.result.usage.estimated is True
 
 
@@ -266,19 +275,29 @@ async def test_async_failure_before_the_first_text_falls_back_without_leaking(
 STREAM_ERROR = "upstream overloaded mid-answer"
 
 INTERRUPTIONS = {
-    "connection-cut": (Reply(text=TEXT, cut_after=1), "MidStreamFallbackError"),
+    # each engine names the cut its own way: LiteLLM's wrapper, httpx's protocol error
+    "connection-cut": (
+        Reply(text=TEXT, cut_after=1),
+        {"litellm": "MidStreamFallbackError", "direct": "incomplete chunked read"},
+    ),
     "sse-error-event": (Reply(text=TEXT, cut_after=1, error_event=True, error=STREAM_ERROR), STREAM_ERROR),
     "no-finish-reason": (Reply(text=TEXT, cut_after=1, no_finish=True), "without a finish reason"),
 }
 
 
 def check_interrupted(
-    err: StreamInterruptedError, deltas: list[str], said: str, up: Upstream, registry: CollectorRegistry
+    err: StreamInterruptedError,
+    deltas: list[str],
+    said: str | dict[str, str],
+    up: Upstream,
+    registry: CollectorRegistry,
+    engine: str,
 ) -> None:
+    said = said[engine] if isinstance(said, dict) else said
     assert deltas and "".join(deltas) != TEXT and TEXT.startswith("".join(deltas))  # one chunk of three
     assert err.text == "".join(deltas)
     assert (err.alias, err.provider, err.model, err.outcome) == ("chat", "a", "model-a", "stream_interrupted")
-    assert err.usage == counted(err.text) and err.usage.estimated is True
+    assert err.usage == counted(err.text, engine) and err.usage.estimated is True
     assert err.cost_usd > 0 and err.cost_usd == pytest.approx(priced(err.usage, PRICE_A))
     assert trail(err.attempts) == [("a", "stream_interrupted", None)]
     assert said in (err.attempts[-1].error or "")
@@ -294,7 +313,7 @@ def check_interrupted(
 
 @pytest.mark.parametrize(("reply", "said"), INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
 def test_break_after_text_raises_stream_interrupted(
-    reply: Reply, said: str, r: Router, up: Upstream, registry: CollectorRegistry
+    reply: Reply, said: str | dict[str, str], r: Router, up: Upstream, registry: CollectorRegistry, engine: str
 ) -> None:
     up.enqueue("a", reply, Reply(text="a retry would say this"))
     up.enqueue("b", Reply(text=B_TEXT))
@@ -305,14 +324,14 @@ def test_break_after_text_raises_stream_interrupted(
         for d in stream:
             deltas.append(d)
 
-    check_interrupted(info.value, deltas, said, up, registry)
+    check_interrupted(info.value, deltas, said, up, registry, engine)
     assert stream.result is None
 
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(("reply", "said"), INTERRUPTIONS.values(), ids=INTERRUPTIONS.keys())
 async def test_async_break_after_text_raises_stream_interrupted(
-    reply: Reply, said: str, r: Router, up: Upstream, registry: CollectorRegistry
+    reply: Reply, said: str | dict[str, str], r: Router, up: Upstream, registry: CollectorRegistry, engine: str
 ) -> None:
     up.enqueue("a", reply, Reply(text="a retry would say this"))
     up.enqueue("b", Reply(text=B_TEXT))
@@ -323,7 +342,7 @@ async def test_async_break_after_text_raises_stream_interrupted(
         async for d in stream:
             deltas.append(d)
 
-    check_interrupted(info.value, deltas, said, up, registry)
+    check_interrupted(info.value, deltas, said, up, registry, engine)
     assert stream.result is None
 
 

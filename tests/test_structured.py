@@ -3,7 +3,8 @@
 A model litellm knows to take JSON Schemas gets one in `response_format`; any other model gets a JSON-only
 instruction in its system message. Either way the reply is validated by the router, and a reply that does
 not validate is an `invalid_response`: retried, then fallen back from. Expectations come from the scripted
-replies, the request bodies the upstream received, and pydantic / jsonschema's own messages.
+replies, the request bodies the upstream received, and pydantic / jsonschema's own messages. Every test runs
+on both engines: the direct engine reads which models take a JSON Schema from LiteLLM's model map, as a file.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import jsonschema
 import litellm
 import pytest
-from conftest import MakeRouter, Sleeps, standard_config
+from conftest import BOTH_ENGINES, MakeRouter, Sleeps, standard_config
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ValidationError
 
@@ -86,6 +87,7 @@ def schema_problem(value: Any) -> str:
 # -- the parsed value beside the text -----------------------------------------------------------------------
 
 
+@BOTH_ENGINES
 def test_pydantic_model_is_parsed_beside_the_text(r: Router, up: Upstream) -> None:
     up.enqueue("a", Reply(text=ADA_JSON))
 
@@ -96,6 +98,7 @@ def test_pydantic_model_is_parsed_beside_the_text(r: Router, up: Upstream) -> No
     assert routes(up) == ["a"]
 
 
+@BOTH_ENGINES
 @pytest.mark.asyncio
 async def test_async_pydantic_model_is_parsed_beside_the_text(r: Router, up: Upstream) -> None:
     up.enqueue("a", Reply(text=ADA_JSON))
@@ -106,6 +109,7 @@ async def test_async_pydantic_model_is_parsed_beside_the_text(r: Router, up: Ups
     assert res.text == ADA_JSON
 
 
+@BOTH_ENGINES
 def test_plain_calls_have_nothing_parsed(r: Router, up: Upstream) -> None:
     up.enqueue("a", Reply(text=ADA_JSON))
 
@@ -116,6 +120,7 @@ def test_plain_calls_have_nothing_parsed(r: Router, up: Upstream) -> None:
     assert "response_format" not in body and body["messages"] == [{"role": "user", "content": PROMPT}]
 
 
+@BOTH_ENGINES
 def test_schema_capable_model_gets_the_schema_in_response_format(r: Router, up: Upstream) -> None:
     assert litellm.supports_response_schema(model=SCHEMA_MODEL, custom_llm_provider="openai")
     up.enqueue("a", Reply(text=ADA_JSON))
@@ -132,6 +137,7 @@ def test_schema_capable_model_gets_the_schema_in_response_format(r: Router, up: 
     assert body["messages"] == [{"role": "user", "content": PROMPT}]  # no instruction needed
 
 
+@BOTH_ENGINES
 def test_unknown_model_gets_a_json_only_instruction_with_the_schema(r: Router, up: Upstream) -> None:
     assert not litellm.supports_response_schema(model="model-a", custom_llm_provider="openai")
     up.enqueue("a", Reply(text=ADA_JSON))
@@ -147,6 +153,7 @@ def test_unknown_model_gets_a_json_only_instruction_with_the_schema(r: Router, u
     assert user == {"role": "user", "content": PROMPT}
 
 
+@BOTH_ENGINES
 def test_the_instruction_joins_the_callers_system_message(r: Router, up: Upstream) -> None:
     up.enqueue("a", Reply(text=ADA_JSON))
 
@@ -158,6 +165,7 @@ def test_the_instruction_joins_the_callers_system_message(r: Router, up: Upstrea
     assert compact(Person.model_json_schema()) in messages[0]["content"]
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("alias", ["chat", "smart"])
 def test_json_schema_dict_parses_to_a_dict(alias: str, r: Router, up: Upstream) -> None:
     up.enqueue("a", Reply(text='{"city": "Paris", "population": 2100000}'))
@@ -176,6 +184,7 @@ def test_json_schema_dict_parses_to_a_dict(alias: str, r: Router, up: Upstream) 
         assert compact(CITY_SCHEMA) in body["messages"][0]["content"]
 
 
+@BOTH_ENGINES
 def test_openai_style_json_schema_response_format_is_accepted(r: Router, up: Upstream) -> None:
     up.enqueue("a", Reply(text='{"city": "Oslo"}'))
     wrapped = {"type": "json_schema", "json_schema": {"name": "where", "schema": CITY_SCHEMA}}
@@ -186,6 +195,7 @@ def test_openai_style_json_schema_response_format_is_accepted(r: Router, up: Ups
     assert up.requests("a")[0].body["response_format"] == wrapped
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize(
     "text",
     [f"```json\n{ADA_JSON}\n```", f"```\n{ADA_JSON}\n```", f"  ```json\n{ADA_JSON}```  \n"],
@@ -223,6 +233,7 @@ def check_invalid_then_b(res: Any, up: Upstream, sleeps: Sleeps, registry: Colle
     assert registry.get_sample_value("llm_router_requests_total", {"alias": "chat", "outcome": "success"}) == 1
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("bad", INVALID.values(), ids=INVALID.keys())
 def test_invalid_reply_is_retried_then_fallen_back_from(
     bad: str, r: Router, up: Upstream, sleeps: Sleeps, registry: CollectorRegistry
@@ -235,6 +246,7 @@ def test_invalid_reply_is_retried_then_fallen_back_from(
     check_invalid_then_b(res, up, sleeps, registry)
 
 
+@BOTH_ENGINES
 @pytest.mark.asyncio
 @pytest.mark.parametrize("bad", INVALID.values(), ids=INVALID.keys())
 async def test_async_invalid_reply_is_retried_then_fallen_back_from(
@@ -248,6 +260,7 @@ async def test_async_invalid_reply_is_retried_then_fallen_back_from(
     check_invalid_then_b(res, up, sleeps, registry)
 
 
+@BOTH_ENGINES
 def test_an_invalid_reply_then_a_valid_one_on_retry_stays_on_a(r: Router, up: Upstream, sleeps: Sleeps) -> None:
     up.enqueue("a", Reply(text="not json"), Reply(text=ADA_JSON))
 
@@ -270,6 +283,7 @@ ALL_INVALID = {
 }
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize(("fmt", "bad", "problem"), ALL_INVALID.values(), ids=ALL_INVALID.keys())
 def test_every_target_invalid_says_what_was_wrong(
     fmt: Any, bad: str, problem: str, r: Router, up: Upstream, registry: CollectorRegistry
@@ -300,6 +314,7 @@ def test_the_validation_message_names_the_field_and_the_problem() -> None:
 # -- streaming and structured output do not mix ------------------------------------------------------------
 
 
+@BOTH_ENGINES
 @pytest.mark.parametrize("fmt", [Person, CITY_SCHEMA], ids=["pydantic", "json-schema"])
 def test_stream_with_response_format_is_a_type_error(
     fmt: Any, r: Router, up: Upstream, registry: CollectorRegistry
@@ -311,6 +326,7 @@ def test_stream_with_response_format_is_a_type_error(
     assert registry.get_sample_value("llm_router_in_flight", {"alias": "chat"}) in (None, 0)
 
 
+@BOTH_ENGINES
 @pytest.mark.asyncio
 async def test_async_stream_with_response_format_is_a_type_error(r: Router, up: Upstream) -> None:
     with pytest.raises(TypeError, match="stream=True or response_format"):
@@ -319,6 +335,7 @@ async def test_async_stream_with_response_format_is_a_type_error(r: Router, up: 
     assert up.history == []
 
 
+@BOTH_ENGINES
 def test_response_format_of_another_kind_is_a_type_error(r: Router, up: Upstream) -> None:
     with pytest.raises(TypeError, match="pydantic model class or a JSON Schema dict"):
         r.generate(PROMPT, response_format=ADA)  # an instance, not the class

@@ -19,7 +19,8 @@ The request body is what the OpenAI chat-completions API takes, less `model`: `m
 headers, key and timeout when it sends it.
 
 Engines are looked up by name (`engine_for(target)`), imported on first use: `litellm` (the default: every
-provider LiteLLM knows) and, where a provider says `engine: direct`, the router's own OpenAI-protocol client.
+provider LiteLLM knows) and, where a provider says `engine: direct`, the router's own OpenAI-protocol client
+(`router.engines.direct`), for the provider kinds in `DIRECT_KINDS`.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from ..answers import (
     StreamLimits,
     StreamStalled,
 )
+from ..config import DIRECT_KINDS, direct_problem
 
 if TYPE_CHECKING:
     from ..config import Target
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_ENGINE",
+    "DIRECT_KINDS",
     "ENGINES",
     "Answer",
     "Chunk",
@@ -62,6 +65,7 @@ __all__ = [
     "StreamSource",
     "StreamStalled",
     "classify_common",
+    "direct_problem",
     "engine_for",
     "get_engine",
 ]
@@ -166,6 +170,7 @@ class Engine(Protocol):
 # name -> "module:attribute" of its engine instance, imported on first use
 ENGINES: dict[str, str] = {
     "litellm": "router.engines.litellm:ENGINE",
+    "direct": "router.engines.direct:ENGINE",
 }
 DEFAULT_ENGINE = "litellm"
 
