@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ledger
 	$(BIN)/python -m bench.tracing
 	$(BIN)/python -m bench.hedge
+	$(BIN)/python -m bench.shadow
 	-$(MAKE) bench-proxy
 	$(BIN)/python -m bench.gateway
 
@@ -51,6 +52,7 @@ bench-quick: $(STAMP)
 	$(BIN)/python -m bench.ledger --quick
 	$(BIN)/python -m bench.tracing --rounds 3 --calls 100
 	$(BIN)/python -m bench.hedge --calls 200 --rounds 2
+	$(BIN)/python -m bench.shadow --calls 60 --rounds 2
 	$(BIN)/python -m bench.gateway --quick
 
 clean:
