@@ -278,7 +278,9 @@ def test_sync_workers_stop_within_two_seconds_of_sigterm_losing_no_call(up: Upst
         assert len({a["worker"] for a in answers}) == 2
         assert took < STOP_WITHIN_S + STOP_SLACK_S, f"gunicorn took {took:.2f}s to stop:\n{g.output()}"
         assert code == 0 and "exited with code" not in g.output(), g.output()
-        assert ledger_rows(ledger) == warm + 2  # every call's row, written by the workers on their way out
+        # every call's row, written by the workers on their way out
+        spooled = sorted(p.name for p in tmp_path.iterdir() if "spool" in p.name or "dead" in p.name)
+        assert ledger_rows(ledger) == warm + 2, f"spool files: {spooled}\n{g.output()}"
     finally:
         g.stop()
 

@@ -180,6 +180,8 @@ def test_stopping_redis_mid_load_fails_no_call_and_the_workers_resync(
         assert server.generate("c fails", model="other")["provider"] == "b"
         during = len(answered)
         wait_for("load during the outage", lambda: len(answered) >= during + 20, server)
+        # Every worker's sync thread has met the outage (each logs it once) before the store comes back.
+        wait_for("every worker saw the outage", lambda: server.log_lines("unreachable") == WORKERS, server)
 
         redis_proc.start()  # empty: it keeps nothing on disk
         # state_store_up is the minimum over the live workers: 1 once every one has exchanged with it again
