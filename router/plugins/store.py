@@ -14,10 +14,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import random
 import sqlite3
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -219,17 +221,29 @@ class SqliteStore(Store):
         if self._conn is None:
             if self._file is not None:  # it existed before: its directory was removed under us, make it again
                 self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._open()
+            self._conn, self._file, self._busy_ms = conn, _file_id(self.path), round(self._timeout * 1000)
+        return self._conn
+
+    def _open(self) -> sqlite3.Connection:
+        """A connection to the file, in WAL mode with the schema. Several processes opening a new file at once (the
+        workers of a host, on their first write) meet "database is locked" there without SQLite's busy wait (the
+        switch to WAL takes the lock outright): that is waited out here, within the store's timeout."""
+        deadline = time.monotonic() + self._timeout
+        while True:
             conn = sqlite3.connect(self.path, timeout=self._timeout, isolation_level=None, check_same_thread=False)
             try:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.executescript(_SCHEMA.format(json="TEXT"))
                 _migrate_sqlite(conn)
-            except sqlite3.Error:
+                return conn
+            except sqlite3.Error as exc:
                 conn.close()
-                raise
-            self._conn, self._file, self._busy_ms = conn, _file_id(self.path), round(self._timeout * 1000)
-        return self._conn
+                locked = isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+                if not locked or time.monotonic() >= deadline:
+                    raise
+            time.sleep(random.uniform(0.005, 0.05))
 
     @contextlib.contextmanager
     def transaction(self, lock: bool = False, timeout: float | None = None) -> Iterator[Cursor]:
